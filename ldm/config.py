@@ -1,0 +1,195 @@
+"""Config schemas registered in Hydra's ConfigStore, so typos and wrong types fail at compose time.
+
+Every YAML option of a group starts with `defaults: [schema, _self_]`, which types it against the
+dataclass of its group below. The top-level `config.yaml` is typed by `LdmConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+def repo_root() -> Path:
+    """Return the repository root (the folder holding `conf/` and `run.py`), else the cwd."""
+    here = Path(__file__).resolve().parents[1]
+    if (here / "conf" / "config.yaml").is_file():
+        return here
+    return Path.cwd().resolve()
+
+
+def default_outputs() -> str:
+    """Return the absolute outputs folder: $LDM_OUTPUTS if set, else <repo>/outputs."""
+    env = os.environ.get("LDM_OUTPUTS")
+    return str(Path(env).resolve()) if env else str(repo_root() / "outputs")
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${ldm_repo_root:}"
+    outputs: str = "${ldm_outputs:}"
+    data: str = "${.outputs}/data"
+    models: str = "${.outputs}/models"
+    cache: str = "${.outputs}/cache"
+
+
+@dataclass
+class TaskConfig:
+    """Fields shared by every task; each task adds its own in a subclass."""
+
+    name: str = MISSING
+
+
+@dataclass
+class PrepareTaskConfig(TaskConfig):
+    name: str = "prepare"
+    num_workers: int = 1  # tokenizer processes
+    batch_size: int = 256  # documents per tokenizer batch
+    pack: bool = True  # False = one document per row, chunked and EOS-padded (original recipe)
+    last_row: str = "drop"  # drop | pad : what to do with the last partial packed row
+    force: bool = False  # rebuild even when the fingerprint matches
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = MISSING  # hub | package | config
+    pretrained: Optional[str] = None  # hub id, package name, or local export dir
+    tokenizer: str = MISSING  # hub id, package name, local dir, or "train_bpe"
+    tokenizer_name: str = MISSING  # short slug used in data paths: outputs/data/<ds>/<slug>/<ctx>
+    vocab_size: Optional[int] = None  # only for tokenizer=train_bpe
+    max_positions: int = 512
+    architecture: Optional[str] = None  # transformers model_type when built from config
+    arch: Dict[str, Any] = field(default_factory=dict)  # config kwargs when built from config
+    missing_keys_ok: List[str] = field(default_factory=list)  # key patterns expected to be new
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class HubSourceConfig:
+    path: str = MISSING
+    name: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    weight: float = 1.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: str = "text"  # text | chat
+    source: str = MISSING  # hub | shakespeare | local
+    hub: List[HubSourceConfig] = field(default_factory=list)
+    paths: List[str] = field(default_factory=list)  # local files or globs
+    text_field: str = "text"  # for .jsonl / .parquet
+    txt_unit: str = "file"  # file | paragraph | line : what a document is in a .txt file
+    streaming: bool = False
+    max_documents: Optional[int] = None  # cap per split source, for smoke runs
+    test_split_pct: float = 0.05  # fraction of documents held out, in (0, 1)
+    split_seed: int = 0
+
+
+@dataclass
+class ContextConfig:
+    name: str = MISSING
+    length: int = MISSING
+
+
+@dataclass
+class MaskingConfig:
+    name: str = MISSING
+    schedule: str = "linear"
+    time_sampling: str = "uniform"  # uniform | antithetic
+    eps: float = 1e-3
+    normalizer: Optional[str] = None  # token | sequence | masked ; None = the task's default
+
+
+@dataclass
+class SamplerConfig:
+    name: str = MISSING
+    max_new_tokens: int = 64
+    steps: int = 64
+    block_length: int = 32  # semi-autoregressive block size; = max_new_tokens for one block
+    remasking: str = "low_confidence"  # low_confidence | random | margin | entropy
+    temperature: float = 0.0  # 0 = greedy; else Gumbel-max in float64
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    cfg_scale: float = 0.0  # classifier-free guidance, prompt masked as the unconditional input
+    threshold: Optional[float] = None  # commit every position with confidence >= threshold
+    early_stop: bool = True  # stop once EOS is committed and everything before it is filled
+    rule: str = "commit"  # commit | original (resample all masks each step, keep w.p. s/t)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    accelerator: str = "cpu"  # cpu | gpu
+    num_processes: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    dataloader_workers: int = 0
+    accelerate_config: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    name: str = MISSING
+    backend: str = "mlflow"  # mlflow | off
+    uri: Optional[str] = None  # None = sqlite at <outputs>/mlflow.db
+    artifact_location: Optional[str] = None  # None = <outputs>/mlartifacts
+    required: bool = True
+
+
+@dataclass
+class LdmConfig:
+    task: Any = MISSING
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    context: ContextConfig = MISSING
+    masking: MaskingConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    run_name: str = MISSING
+    experiment_name: Optional[str] = None
+
+
+TASK_SCHEMAS = {"prepare": PrepareTaskConfig}
+
+_GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "context": ContextConfig,
+    "masking": MaskingConfig,
+    "sampler": SamplerConfig,
+    "hardware": HardwareConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register resolvers and the schemas (idempotent)."""
+    if not OmegaConf.has_resolver("ldm_repo_root"):
+        OmegaConf.register_new_resolver("ldm_repo_root", lambda: str(repo_root()))
+    if not OmegaConf.has_resolver("ldm_outputs"):
+        OmegaConf.register_new_resolver("ldm_outputs", default_outputs)
+    cs = ConfigStore.instance()
+    cs.store(name="ldm_schema", node=LdmConfig)
+    for group, schema in _GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+    for name, schema in TASK_SCHEMAS.items():
+        cs.store(group="task", name=f"schema_{name}", node=schema)
+
+
+register_configs()

@@ -1,0 +1,87 @@
+"""Helpers shared by the tasks: tracking setup from the config, the run folder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm import tracking
+from ldm.errors import ConfigError
+
+log = logging.getLogger("ldm")
+
+
+def tracking_target(cfg: DictConfig) -> Tuple[Optional[str], Optional[str], str]:
+    """Return (tracking uri, artifact location, experiment name) for this config."""
+    outputs = cfg.paths.outputs
+    uri = cfg.tracking.uri or tracking.local_store_uri(outputs)
+    artifacts = cfg.tracking.artifact_location
+    if artifacts is None and uri.startswith("sqlite:"):
+        artifacts = tracking.local_artifact_uri(outputs)
+    experiment = cfg.experiment_name or cfg.task.name
+    return uri, artifacts, experiment
+
+
+def hydra_output_dir() -> Optional[Path]:
+    """Return the Hydra run folder of this job, or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """Return (and create) this job's run folder."""
+    out = hydra_output_dir()
+    if out is None:
+        out = Path(cfg.paths.outputs) / "runs" / cfg.task.name / cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _sweep_parent_id() -> Optional[str]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return tracking.read_parent_run_id(hc.sweep.dir)
+
+
+def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracking.Tracker:
+    """Start the mlflow run for this task (params, tags, config artifacts) and return it."""
+    enabled = cfg.tracking.backend == "mlflow" and tracking.is_main_process()
+    if cfg.tracking.backend not in ("mlflow", "off"):
+        raise ConfigError(
+            f"tracking.backend={cfg.tracking.backend!r} is not known; use mlflow or off"
+        )
+    if not enabled:
+        return tracking.Tracker(enabled=False)
+    uri, artifacts, experiment = tracking_target(cfg)
+    tags = {"ldm.task": cfg.task.name, "ldm.command": " ".join(sys.argv)}
+    tags.update(tracking.git_tags(cfg.paths.root))
+    tracker = tracking.Tracker(
+        enabled=True, uri=uri, artifact_location=artifacts, experiment=experiment,
+        run_name=cfg.run_name, parent_run_id=_sweep_parent_id(), resume_run_id=resume_run_id,
+        tags=tags, required=bool(cfg.tracking.required),
+    )
+    if tracker.enabled and not resume_run_id:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        tracker.log_params(tracking.flatten(resolved))
+        out = hydra_output_dir()
+        if out is not None:
+            for name in ("config.yaml", "overrides.yaml"):
+                tracker.log_artifact(out / ".hydra" / name, "hydra")
+        else:
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "hydra/config.yaml")
+    if tracker.enabled:
+        log.info("mlflow run %s in experiment %r (%s)", tracker.run_id, experiment, uri)
+    return tracker
