@@ -157,6 +157,7 @@ class LdmConfig:
     dataset: DatasetConfig = MISSING
     context: ContextConfig = MISSING
     masking: MaskingConfig = MISSING
+    sampler: SamplerConfig = MISSING
     hardware: HardwareConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)

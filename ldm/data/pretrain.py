@@ -225,11 +225,13 @@ def build_pretraining_data(
     bpe_vocab_size: Optional[int] = None,
     manifest_extra: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    dtype: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Build packed train/test rows at `final` (atomically) and return the manifest.
 
     `documents()` returns a fresh iterable of document strings. `tokenizer` is a loaded
     tokenizer, or "train_bpe" to train a byte-level BPE of `bpe_vocab_size` on the train split.
+    `dtype` overrides the smallest id type (e.g. the original recipe's int64, for comparison).
     """
     from tqdm.auto import tqdm
 
@@ -246,7 +248,7 @@ def build_pretraining_data(
                                   bpe_vocab_size, tok_dir)
         else:
             tokenizer.save_pretrained(str(tok_dir))
-        dtype = id_dtype(len(tokenizer))
+        dtype = dtype or id_dtype(len(tokenizer))
         eos_id = tokenizer.eos_token_id
         packers = {s: Packer(context_length, eos_id, pack, last_row, dtype) for s in SPLITS}
         writers = {s: ShardWriter(tmp / s, context_length, dtype) for s in SPLITS}
