@@ -1,0 +1,1 @@
+"""Training: the diffusion objective, the loop and checkpoints (the only users of accelerate)."""
