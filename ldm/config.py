@@ -56,6 +56,36 @@ class PrepareTaskConfig(TaskConfig):
 
 
 @dataclass
+class TrainTaskConfig(TaskConfig):
+    """Optimisation, evaluation and checkpointing of the one training loop (pretrain and sft)."""
+
+    name: str = "pretrain"
+    max_steps: int = 1000  # optimizer steps
+    global_batch_size: int = 8  # sequences per optimizer step = micro x accumulation x processes
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    no_decay: List[str] = field(default_factory=lambda: ["bias", "norm", "embeddings"])
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine, linear)
+    grad_clip: float = 1.0  # 0 = off
+    normalizer: str = "token"  # token | sequence | masked ; masking.normalizer overrides
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 4  # held-out batches per evaluation
+    eval_t_grid: int = 8  # fixed t values (midpoints of equal bins of [eps, 1]) per batch
+    save_every: int = 500  # 0 = only at the end
+    keep_last: int = 2
+    export_every: int = 0  # 0 = only at the end
+    resume: bool = True  # continue from the latest checkpoint of this run_name
+    resume_from: Optional[str] = None  # a specific checkpoint folder
+    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+    sparse_logits: bool = True  # logits only at masked positions
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # hub | package | config
@@ -164,9 +194,11 @@ class LdmConfig:
     seed: int = 0
     run_name: str = MISSING
     experiment_name: Optional[str] = None
+    init_from: Optional[str] = None  # training: start from this export dir or hub id
+    checkpoint: Optional[str] = None  # sample / evaluate: this export dir or hub id
 
 
-TASK_SCHEMAS = {"prepare": PrepareTaskConfig}
+TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig}
 
 _GROUP_SCHEMAS = {
     "model": ModelConfig,

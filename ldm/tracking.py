@@ -101,6 +101,7 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         self.uri = uri
         self._client = None
+        self._logged_upto: Dict[str, int] = {}
         if not enabled:
             return
         try:
@@ -126,6 +127,11 @@ class Tracker:
             run = self._client.get_run(resume_run_id)
             self.run_id = run.info.run_id
             self._client.update_run(self.run_id, status="RUNNING")
+            # A resumed run recomputes the steps after its checkpoint; steps already logged
+            # before the interruption are not logged twice.
+            for key in run.data.metrics:
+                history = self._client.get_metric_history(self.run_id, key)
+                self._logged_upto[key] = max((m.step for m in history), default=-1)
             return
         run_tags = dict(tags)
         if parent_run_id:
@@ -165,7 +171,11 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        step = step or 0
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if step > self._logged_upto.get(k, -1)]
+        if not batch:
+            return
         for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
 

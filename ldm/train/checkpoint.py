@@ -1,0 +1,119 @@
+"""Resumable checkpoints in the run folder, and the Hugging Face export of a finished model.
+
+A checkpoint is `<run>/checkpoints/step-NNNNNNN/`: accelerate's full state (weights, optimizer,
+scheduler, RNG) plus `trainer_state.json`. It is written under a hidden temporary name and
+renamed into place only when complete, so an interrupted save never becomes "the latest".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ldm.data.store import atomic_folder
+from ldm.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+EXPORT_INFO = "ldm_export.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Return the folder holding a run's checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Return the complete checkpoints of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """Return the newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: str | Path) -> Dict[str, Any]:
+    """Return the trainer state saved with a checkpoint."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise LdmError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}); "
+                       "pass a folder like <run>/checkpoints/step-0000100")
+    return json.loads(path.read_text())
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: Dict[str, Any],
+                    keep_last: int) -> Path:
+    """Save the full training state at `step` (every process calls this) and return its folder."""
+    folder = checkpoint_dir(run_dir)
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".step-{step:07d}.partial"
+    error: Optional[BaseException] = None
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+    except OSError as err:
+        error = err
+    accelerator.wait_for_everyone()
+    if error is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise LdmError(
+            f"could not save the checkpoint of step {step} under {folder}: {error}; the previous "
+            f"checkpoint ({previous.name if previous else 'none'}) is intact"
+        ) from error
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def library_versions() -> Dict[str, str]:
+    """Return the versions of the libraries that shape an export."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("ldm", "torch", "transformers", "tokenizers", "safetensors", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def export_model(model, tokenizer, out_dir: str | Path, resolved_config_yaml: str,
+                 info: Dict[str, Any]) -> Path:
+    """Write a Hugging Face export (safetensors + tokenizer + config) atomically; return it."""
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "ldm_config.yaml").write_text(resolved_config_yaml)
+        (tmp / EXPORT_INFO).write_text(json.dumps({**info, "versions": library_versions()},
+                                                  indent=2, default=str))
+    return out_dir

@@ -1,0 +1,241 @@
+"""The one training loop (pretraining and SFT differ only in data and normaliser).
+
+accelerate drives devices, mixed precision and gradient accumulation (no all-reduce on the
+accumulation micro-steps); which rows a step reads and how they are masked are pure functions of
+(seed, step, micro-batch, rank), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ldm.errors import ConfigError, LdmError
+from ldm.evaluate import fixed_batches, heldout_nelbo
+from ldm.model import SparseMaskedLM, maybe_compile, unwrap
+from ldm.train import checkpoint as ckpt
+from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
+from ldm.train.objective import check_normalizer, diffusion_step
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class LoopConfig:
+    """Everything the loop needs, as plain values (the task fills it from the Hydra config)."""
+
+    max_steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    mask_id: int
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    no_decay: Sequence[str] = ("bias", "norm", "embeddings")
+    betas: Sequence[float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    eval_t_grid: int = 8
+    save_every: int = 0
+    keep_last: int = 2
+    export_every: int = 0
+    schedule: str = "linear"
+    time_sampling: str = "uniform"
+    eps: float = 1e-3
+    normalizer: str = "token"
+    seed: int = 0
+    mixed_precision: str = "no"
+    cpu: bool = True
+    skip_nonfinite: bool = False
+    sparse_logits: bool = True
+    compile: bool = False
+    progress: bool = True
+    extra_state: Dict[str, object] = field(default_factory=dict)
+
+
+def lr_factor(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Return step -> lr multiplier: linear warmup, then cosine / linear decay or constant."""
+    if kind not in LR_SCHEDULES:
+        raise ConfigError(f"task.lr_schedule={kind!r}; accepted: {', '.join(LR_SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Sequence[str]) -> List[dict]:
+    """Return AdamW groups: no weight decay on parameters whose name contains a no_decay pattern."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if any(p.lower() in name.lower() for p in no_decay) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def make_accelerator(cfg: LoopConfig):
+    """Return the Accelerator for this run (device, mixed precision, accumulation)."""
+    from accelerate import Accelerator
+
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"hardware.mixed_precision={cfg.mixed_precision!r}; accepted: no, bf16, fp16")
+    return Accelerator(gradient_accumulation_steps=cfg.accumulation, cpu=cfg.cpu,
+                       mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+
+
+def validate(cfg: LoopConfig, processes: int) -> None:
+    """Raise ConfigError for inconsistent settings before any weights are touched."""
+    check_batch_layout(cfg.global_batch_size, cfg.micro_batch_size, cfg.accumulation, processes)
+    check_normalizer(cfg.normalizer)
+    lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    if cfg.max_steps < 1:
+        raise ConfigError(f"task.max_steps={cfg.max_steps} must be >= 1")
+    if cfg.lr <= 0:
+        raise ConfigError(f"task.lr={cfg.lr} must be > 0")
+
+
+def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopConfig, *,
+          accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
+          resume: bool = True, resume_from: Optional[str] = None) -> Dict[str, float]:
+    """Train `model` to cfg.max_steps, checkpointing and exporting; return the final metrics."""
+    from tqdm.auto import tqdm
+
+    validate(cfg, accelerator.num_processes)
+    plan = BatchPlan(len(train_data), cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
+                     cfg.accumulation, accelerator.num_processes)
+    device, rank = accelerator.device, accelerator.process_index
+    model.train()
+    wrapped = SparseMaskedLM(maybe_compile(model, cfg.compile))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.no_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.betas), eps=cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = {"tokens_seen": 0, "skipped_steps": 0, **cfg.extra_state}
+    start = 0
+    source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
+    if source is not None:
+        saved = ckpt.read_state(source)
+        try:
+            accelerator.load_state(str(source))
+        except (RuntimeError, KeyError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
+                           "it was saved by a different architecture or vocabulary") from err
+        start = int(saved["step"])
+        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps") if k in saved})
+        log.info("resumed from %s at step %d", source, start)
+
+    view = train_data.with_format("numpy")
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "time": time.perf_counter()}
+    final: Dict[str, float] = {}
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    try:
+        for step in range(start, cfg.max_steps):
+            step_loss = torch.zeros((), device=device)
+            step_masked = torch.zeros((), device=device)
+            tokens = 0
+            for micro in range(cfg.accumulation):
+                batch = collate(view[plan.indices(step, micro, rank)], device)
+                gen = step_generator(cfg.seed, step, micro, rank, device)
+                with accelerator.accumulate(wrapped):
+                    loss, stats = diffusion_step(
+                        wrapped, batch["input_ids"], batch["maskable"], batch["attention_mask"],
+                        cfg.schedule, cfg.time_sampling, cfg.eps, cfg.mask_id, cfg.normalizer,
+                        generator=gen, sparse=cfg.sparse_logits)
+                    accelerator.backward(loss)
+                step_loss += loss.detach() / cfg.accumulation
+                step_masked += stats["masked_fraction"] / cfg.accumulation
+                mask = batch["attention_mask"]
+                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            step_loss = accelerator.reduce(step_loss, "mean")
+            if not (math.isfinite(float(step_loss)) and math.isfinite(float(grad_norm))):
+                if not cfg.skip_nonfinite:
+                    last = ckpt.latest_checkpoint(run_dir)
+                    raise LdmError(
+                        f"non-finite loss ({float(step_loss)}) or gradient norm at step {step + 1}; "
+                        f"stopped. Resume point: {last or 'none (no checkpoint yet)'}. Lower task.lr "
+                        "or check the data, or set task.skip_nonfinite=true to skip such steps"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                state["skipped_steps"] += 1
+                tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=step + 1)
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["tokens_seen"] += tokens * accelerator.num_processes
+            window["loss"] += float(step_loss)
+            window["masked"] += float(step_masked)
+            window["steps"] += 1
+            window["tokens"] += tokens * accelerator.num_processes
+            done = step + 1
+            bar.update(1)
+            if done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps:
+                elapsed = time.perf_counter() - window["time"]
+                metrics = {
+                    "loss": window["loss"] / max(window["steps"], 1),
+                    "masked_fraction": window["masked"] / max(window["steps"], 1),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+                    "tokens_seen": state["tokens_seen"], "epoch": plan.epoch_of(done),
+                }
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                if accelerator.is_main_process:
+                    tracker.log_metrics(metrics, step=done)
+                final.update(metrics)
+                window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0,
+                          "time": time.perf_counter()}
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+                evals = evaluate(wrapped, eval_data, collate, cfg, device)
+                if accelerator.is_main_process:
+                    tracker.log_metrics(evals, step=done)
+                final.update(evals)
+                wrapped.train()
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+                ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
+            if accelerator.is_main_process and (
+                    (cfg.export_every and done % cfg.export_every == 0) or done == cfg.max_steps):
+                export(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
+            accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+    final.update({"tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"]})
+    return final
+
+
+def evaluate(wrapped, eval_data, collate: Collate, cfg: LoopConfig, device) -> Dict[str, float]:
+    """Return held-out metrics (prefixed eval_) on a fixed subset with a fixed t grid."""
+    if eval_data is None or len(eval_data) == 0:
+        return {}
+    wrapped.eval()
+    batches = fixed_batches(eval_data, cfg.eval_batches, cfg.micro_batch_size, collate, device)
+    result = heldout_nelbo(wrapped, batches, schedule=cfg.schedule, eps=cfg.eps,
+                           grid_points=cfg.eval_t_grid, mask_id=cfg.mask_id, seed=cfg.seed)
+    return {f"eval_{k}": v for k, v in result.items()}
