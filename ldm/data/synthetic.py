@@ -1,0 +1,247 @@
+"""Synthetic instruction tasks whose answers can be checked exactly, from a seeded generator.
+
+Made to measure a sampler's speed against its accuracy with a small model trained for minutes on
+CPU with a character-level tokenizer: at every difficulty, prompts are under 60 characters and
+answers under 30. Difficulty is an integer in 1..MAX_DIFFICULTY and sets the size of each task:
+
+  task     prompt                           answer       size at difficulty d = 1, 2, 3, 4, 5
+  copy     Copy: frog milk                  frog milk    words x letters: 2x3-4, 2x4-5, 3x3-4,
+                                                         3x4-5, 4x3-5
+  reverse  Reverse the word: stone          enots        letters: 3-4, 4-5, 5-6, 6-7, 7-9
+  count    Count the letter e in: between   3            letters of the word, as for reverse
+  sort     Sort ascending: 9, 2, 41, 7      2, 7, 9, 41  d + 2 distinct numbers in 0..99
+  max      Largest of: 12, 7, 55            55           d + 2 distinct numbers in 0..99
+  add      Add 47 and 385.                  432          one operand d + 1 digits, the other
+                                                         1..d + 1 digits (order random)
+
+Mixing: example i has task type `task_types[i % len(task_types)]` (round robin, so counts differ
+by at most one) and its own random stream seeded from (seed, i, type, difficulty), so
+`generate(m, seed)` is the first m examples of `generate(n, seed)` for m <= n.
+
+Checking: surrounding whitespace is ignored, and for sort whitespace around the commas too
+("2,7 , 9" == "2, 7, 9"). Everything else must match the reference character for character: no
+leading zeros, no extra words, no trailing period, no other separator.
+
+The word tasks draw from WORDS (~120 words), so at low difficulty their prompts repeat across a
+few thousand examples: a held-out split shares prompts with training for reverse and count.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
+
+from ldm.errors import ConfigError
+
+Conversation = List[Dict[str, str]]
+Maker = Callable[[random.Random, int], Tuple[str, str]]
+Checker = Callable[[str, str], bool]
+TaskTypes = Union[None, str, Sequence[str]]  # None = all of TASK_TYPES; a str = that one type
+
+GENERATOR_VERSION = 1  # bump when any example for a given (seed, types, difficulty) changes
+MAX_DIFFICULTY = 5
+
+WORDS = (
+    # 3 letters
+    "cat dog sun red box cup hat map pen sky top war oil ice egg arm leg sea toy bus "
+    # 4 letters
+    "tree fish bird rain snow milk door book hand road ship king gold star moon wind lamp coat "
+    "ring frog "
+    # 5 letters
+    "stone apple bread chair house water light plant river smile train horse cloud grass music "
+    "table heart sweet green night "
+    # 6 letters
+    "garden window orange yellow silver winter summer bridge planet forest rabbit castle pencil "
+    "basket doctor butter candle dragon flower mirror "
+    # 7 letters
+    "kitchen blanket chicken morning picture teacher balloon rainbow weather diamond pumpkin "
+    "holiday monster captain freedom journey village lantern thunder cottage "
+    # 8 and 9 letters
+    "elephant mountain sandwich umbrella computer dinosaur notebook princess treasure sunlight "
+    "football chocolate butterfly adventure beautiful crocodile telephone pineapple wonderful"
+).split()
+
+# difficulty -> (words, fewest letters, most letters) for copy
+COPY_SIZES = {1: (2, 3, 4), 2: (2, 4, 5), 3: (3, 3, 4), 4: (3, 4, 5), 5: (4, 3, 5)}
+# difficulty -> (fewest letters, most letters) of the word for reverse and count
+WORD_LENGTHS = {1: (3, 4), 2: (4, 5), 3: (5, 6), 4: (6, 7), 5: (7, 9)}
+ABSENT_LETTER_RATE = 0.2  # share of count prompts whose letter is not in the word (answer 0)
+
+_LIST_SEPARATOR = re.compile(r"\s*,\s*")
+
+
+def _words(lo: int, hi: int) -> List[str]:
+    return [w for w in WORDS if lo <= len(w) <= hi]
+
+
+def _numbers(rng: random.Random, difficulty: int) -> List[int]:
+    return rng.sample(range(100), difficulty + 2)
+
+
+def _join(numbers: Iterable[int]) -> str:
+    return ", ".join(str(n) for n in numbers)
+
+
+# --- generators: (rng, difficulty) -> (instruction, answer) -------------------------------------
+
+def make_copy(rng: random.Random, difficulty: int) -> Tuple[str, str]:
+    """Return a copy instruction and its answer, the same words."""
+    n, lo, hi = COPY_SIZES[difficulty]
+    phrase = " ".join(rng.sample(_words(lo, hi), n))
+    return f"Copy: {phrase}", phrase
+
+
+def make_reverse(rng: random.Random, difficulty: int) -> Tuple[str, str]:
+    """Return a reverse-the-word instruction and its answer, the letters backwards."""
+    word = rng.choice(_words(*WORD_LENGTHS[difficulty]))
+    return f"Reverse the word: {word}", word[::-1]
+
+
+def make_count(rng: random.Random, difficulty: int) -> Tuple[str, str]:
+    """Return a count-the-letter instruction and its answer, the number of occurrences."""
+    word = rng.choice(_words(*WORD_LENGTHS[difficulty]))
+    if rng.random() < ABSENT_LETTER_RATE:
+        letter = rng.choice(sorted(set(string.ascii_lowercase) - set(word)))
+    else:
+        letter = rng.choice(word)
+    return f"Count the letter {letter} in: {word}", str(word.count(letter))
+
+
+def make_sort(rng: random.Random, difficulty: int) -> Tuple[str, str]:
+    """Return a sort instruction and its answer, the numbers ascending, comma-separated."""
+    numbers = _numbers(rng, difficulty)
+    return f"Sort ascending: {_join(numbers)}", _join(sorted(numbers))
+
+
+def make_max(rng: random.Random, difficulty: int) -> Tuple[str, str]:
+    """Return a largest-number instruction and its answer, the largest number."""
+    numbers = _numbers(rng, difficulty)
+    return f"Largest of: {_join(numbers)}", str(max(numbers))
+
+
+def make_add(rng: random.Random, difficulty: int) -> Tuple[str, str]:
+    """Return an addition instruction and its answer, the sum in decimal."""
+    digits = difficulty + 1
+    a = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+    other = rng.randint(1, digits)
+    b = rng.randint(10 ** (other - 1) if other > 1 else 0, 10 ** other - 1)
+    if rng.random() < 0.5:
+        a, b = b, a
+    return f"Add {a} and {b}.", str(a + b)
+
+
+# --- checkers: (answer_text, reference) -> bool -------------------------------------------------
+
+def check_exact(answer_text: str, reference: str) -> bool:
+    """Return whether the answer equals the reference, ignoring surrounding whitespace."""
+    return answer_text.strip() == reference.strip()
+
+
+def check_list(answer_text: str, reference: str) -> bool:
+    """Return whether the answer is the reference list, ignoring whitespace around the commas."""
+    def normal(text: str) -> str:
+        return _LIST_SEPARATOR.sub(", ", text.strip())
+    return normal(answer_text) == normal(reference)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task type: its name, its generator and its checker."""
+
+    name: str
+    make: Maker
+    check: Checker
+
+
+TASKS: Dict[str, Task] = {t.name: t for t in (
+    Task("copy", make_copy, check_exact),
+    Task("reverse", make_reverse, check_exact),
+    Task("sort", make_sort, check_list),
+    Task("add", make_add, check_exact),
+    Task("count", make_count, check_exact),
+    Task("max", make_max, check_exact),
+)}
+TASK_TYPES: Tuple[str, ...] = tuple(TASKS)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_task_types(task_types: TaskTypes) -> Tuple[str, ...]:
+    """Return the task type names to generate (all of TASK_TYPES for None); ConfigError if bad."""
+    if task_types is None:
+        return TASK_TYPES
+    names = (task_types,) if isinstance(task_types, str) else tuple(task_types)
+    accepted = ", ".join(TASK_TYPES)
+    if not names:
+        raise ConfigError(f"task_types is empty; name at least one of: {accepted} "
+                          "(or None for all)")
+    for name in names:
+        if name not in TASKS:
+            raise ConfigError(f"unknown synthetic task type {name!r}; known: {accepted}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task_types {list(names)} names a type twice; name each at most once")
+    return names
+
+
+def _validate(num_examples: int, difficulty: int) -> None:
+    if not _is_int(num_examples) or num_examples < 1:
+        raise ConfigError(f"num_examples must be an integer >= 1, got {num_examples!r}")
+    if not _is_int(difficulty) or not 1 <= difficulty <= MAX_DIFFICULTY:
+        raise ConfigError(f"difficulty must be an integer in 1..{MAX_DIFFICULTY}, "
+                          f"got {difficulty!r}")
+
+
+# --- the data set -------------------------------------------------------------------------------
+
+def _examples(num_examples: int, seed: int, task_types, difficulty: int) -> Iterator[dict]:
+    names = validate_task_types(task_types)
+    _validate(num_examples, difficulty)
+    for i in range(num_examples):
+        task = TASKS[names[i % len(names)]]
+        # a str seed is hashed with sha512: stable across processes and Python versions
+        rng = random.Random(f"synthetic:{seed}:{i}:{task.name}:{difficulty}")
+        instruction, answer = task.make(rng, difficulty)
+        yield {
+            "messages": [{"role": "user", "content": instruction},
+                         {"role": "assistant", "content": answer}],
+            "task": task.name,
+            "answer": answer,
+        }
+
+
+def generate(num_examples: int, seed: int, task_types: TaskTypes = None,
+             difficulty: int = 1) -> List[dict]:
+    """Return `num_examples` dicts {messages, task, answer}, identical for identical arguments."""
+    return list(_examples(num_examples, seed, task_types, difficulty))
+
+
+def conversations(num_examples: int, seed: int, task_types: TaskTypes = None,
+                  difficulty: int = 1) -> Iterator[Conversation]:
+    """Return an iterator of the user/assistant message lists of `generate(...)`, made lazily."""
+    names = validate_task_types(task_types)  # fail now, not at the first next()
+    _validate(num_examples, difficulty)
+    return (ex["messages"] for ex in _examples(num_examples, seed, names, difficulty))
+
+
+def check(task: str, answer_text: str, reference: str) -> bool:
+    """Return whether `answer_text` is a correct answer for a `task` example with `reference`."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown synthetic task type {task!r}; known: {', '.join(TASK_TYPES)}")
+    return TASKS[task].check(answer_text, reference)
+
+
+def describe(num_examples: int, seed: int, task_types: TaskTypes = None,
+             difficulty: int = 1) -> dict:
+    """Return what identifies a generated data set, for the prepared data's fingerprint."""
+    names = validate_task_types(task_types)
+    _validate(num_examples, difficulty)
+    return {"source": "synthetic", "generator_version": GENERATOR_VERSION,
+            "num_examples": num_examples, "seed": seed, "task_types": list(names),
+            "difficulty": difficulty}
