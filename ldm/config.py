@@ -99,6 +99,7 @@ class ModelConfig:
     missing_keys_ok: List[str] = field(default_factory=list)  # key patterns expected to be new
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
+    dropout: Optional[float] = None  # set every dropout probability; null = the checkpoint's
     gradient_checkpointing: bool = False
     compile: bool = False
     trust_remote_code: bool = False

@@ -185,9 +185,28 @@ def check_loading_info(info: Mapping[str, Any], missing_keys_ok: Sequence[str], 
         log.info("dropped %d checkpoint weights unused by the MLM: %s", len(unexpected), unexpected)
 
 
-def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin: str):
-    from transformers import AutoModelForMaskedLM
+def set_dropout(config, p: Optional[float]) -> None:
+    """Set every dropout probability of a transformers config to `p` (None leaves them)."""
+    if p is None:
+        return
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"model.dropout={p} must be in [0, 1) or null (keep the checkpoint's)")
+    for key, value in config.to_dict().items():
+        if "dropout" in key and key != "classifier_dropout" and isinstance(value, (int, float)):
+            setattr(config, key, float(p))
 
+
+def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin: str):
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    kwargs = dict(kwargs)
+    dropout = kwargs.pop("dropout", None)
+    if dropout is not None:
+        config = AutoConfig.from_pretrained(
+            where, local_files_only=kwargs.get("local_files_only", False),
+            trust_remote_code=kwargs.get("trust_remote_code", False))
+        set_dropout(config, dropout)
+        kwargs["config"] = config
     model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True, **kwargs)
     check_loading_info(info, missing_keys_ok, origin)
     return model
@@ -225,6 +244,7 @@ def _build_from_config(
     if max_positions is not None:
         fields["max_position_embeddings"] = max_positions
     config = AutoConfig.for_model(architecture, **fields)
+    set_dropout(config, kwargs.get("dropout"))
     # The family's default special ids (e.g. ModernBERT's pad 50283) refer to its own tokenizer;
     # left in place they would point past a small vocabulary and break the padding embedding.
     for name in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id"):
@@ -249,6 +269,7 @@ def load_model(
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    dropout: Optional[float] = None,
 ) -> nn.Module:
     """Return an AutoModelForMaskedLM from hub | package | export | config, sized to vocab_size."""
     if source not in SOURCES:
@@ -259,6 +280,7 @@ def load_model(
         "dtype": resolve_dtype(dtype),
         "attn_implementation": check_attn_implementation(attn_implementation),
         "trust_remote_code": trust_remote_code,
+        "dropout": dropout,
     }
     missing_keys_ok = tuple(missing_keys_ok or ())
 

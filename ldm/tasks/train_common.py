@@ -76,7 +76,7 @@ def build_model(cfg: DictConfig, tokenizer):
         missing_keys_ok=list(cfg.model.missing_keys_ok) if source == cfg.model.source else [],
         attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=cfg.model.trust_remote_code, dropout=cfg.model.dropout,
     )
     for name in ("pad_token_id", "eos_token_id", "mask_token_id"):
         value = getattr(tokenizer, name, None)

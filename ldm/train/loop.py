@@ -94,6 +94,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Sequence
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   no_decay: Sequence[str], betas: Sequence[float] = (0.9, 0.999),
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
+    """Return AdamW over `model`, fused (one kernel for all parameters) where torch supports it."""
+    groups = param_groups(model, weight_decay, no_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
 def make_accelerator(cfg: LoopConfig):
     """Return the Accelerator for this run (device, mixed precision, accumulation)."""
     from accelerate import Accelerator
@@ -127,8 +138,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     device, rank = accelerator.device, accelerator.process_index
     model.train()
     wrapped = SparseMaskedLM(maybe_compile(model, cfg.compile))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.no_decay), lr=cfg.lr,
-                                  betas=tuple(cfg.betas), eps=cfg.adam_eps)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.no_decay, cfg.betas, cfg.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
