@@ -86,6 +86,14 @@ class TrainTaskConfig(TaskConfig):
 
 
 @dataclass
+class SampleTaskConfig(TaskConfig):
+    name: str = "sample"
+    batch_size: int = 8  # prompts sampled together
+    system: Optional[str] = None  # system message for chat prompts
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # hub | package | config
@@ -197,9 +205,18 @@ class LdmConfig:
     experiment_name: Optional[str] = None
     init_from: Optional[str] = None  # training: start from this export dir or hub id
     checkpoint: Optional[str] = None  # sample / evaluate: this export dir or hub id
+    # task=sample inputs and outputs
+    prompt: Optional[str] = None  # one prompt
+    prompts_file: Optional[str] = None  # a .txt (one prompt per line) or .jsonl ("prompt" field)
+    interactive: bool = False  # multi-turn chat REPL
+    chat: bool = True  # apply the chat template; false = raw continuation / unconditional text
+    infill: Optional[str] = None  # text with [MASK:N] spans to fill, or a file of such lines
+    render: str = "none"  # none | live | gif
+    out: Optional[str] = None  # GIF path for render=gif
 
 
-TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig}
+TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
+                "sample": SampleTaskConfig}
 
 _GROUP_SCHEMAS = {
     "model": ModelConfig,
