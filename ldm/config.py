@@ -83,6 +83,7 @@ class TrainTaskConfig(TaskConfig):
     resume_from: Optional[str] = None  # a specific checkpoint folder
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
     sparse_logits: bool = True  # logits only at masked positions
+    eval_samples: int = 4  # sft: held-out prompts answered with the sampler at each evaluation
 
 
 @dataclass
@@ -126,7 +127,7 @@ class HubSourceConfig:
 class DatasetConfig:
     name: str = MISSING
     kind: str = "text"  # text | chat
-    source: str = MISSING  # hub | shakespeare | local
+    source: str = MISSING  # text: hub | shakespeare | local ; chat: construction_faq | local | hub | synthetic
     hub: List[HubSourceConfig] = field(default_factory=list)
     paths: List[str] = field(default_factory=list)  # local files or globs
     text_field: str = "text"  # for .jsonl / .parquet
@@ -135,6 +136,14 @@ class DatasetConfig:
     max_documents: Optional[int] = None  # cap per split source, for smoke runs
     test_split_pct: float = 0.05  # fraction of documents held out, in (0, 1)
     split_seed: int = 0
+    # chat datasets (kind: chat)
+    answer_turns: str = "all"  # all | last : which assistant turns are answers (maskable)
+    padding: str = "eos"  # eos (pad with EOS, counted as answer, LLaDA) | dynamic (per batch)
+    overlong: str = "drop"  # drop | truncate : examples longer than the context
+    skip_bad_records: bool = False  # skip and count bad records instead of stopping
+    # synthetic_tasks
+    task_types: List[str] = field(default_factory=list)  # empty = every type
+    difficulty: int = 1
 
 
 @dataclass

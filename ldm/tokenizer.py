@@ -1,18 +1,20 @@
-"""Tokenizers: load the one a model names, make sure it has mask and EOS tokens, or train a BPE."""
+"""Tokenizers: load one (with mask and EOS tokens), train a BPE, add chat tokens and template."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ldm.errors import ConfigError, HubUnavailableError, LdmError
+from ldm.errors import ConfigError, DataError, HubUnavailableError, LdmError
 from ldm.hub import require_hub
 
 log = logging.getLogger(__name__)
 
 TRAIN_BPE = "train_bpe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 BPE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
 
 
@@ -57,6 +59,9 @@ def load_tokenizer(tokenizer: str, trained_dir: Optional[str | Path] = None):
         return ensure_eos(tok)
     path = resolve_tokenizer_path(tokenizer)
     if Path(path).is_dir():
+        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise LdmError(f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); an ldm export "
+                           "carries its tokenizer: pass an export folder or a hub id")
         tok = AutoTokenizer.from_pretrained(path)
     else:
         try:
@@ -122,3 +127,118 @@ def id_dtype(vocab_size: int) -> str:
     if vocab_size <= 1 << 16:
         return "uint16"
     return "uint32"
+
+
+# --- chat template -----------------------------------------------------------------------------
+#
+# Layout (no newlines, no [CLS]; pretraining rows carry no [CLS] either):
+#   <|system|>TEXT<|end|>  <|user|>TEXT<|end|>  <|assistant|>TEXT<EOS>  ...
+# The generation prompt is the bare `<|assistant|>` header, exactly what precedes an answer in
+# training, so a prompt's ids are a prefix of the training ids. Assistant turns end with the
+# tokenizer's EOS (the token the sampler stops on and SFT pads with); other turns with <|end|>.
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_HEADERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+CHAT_END = "<|end|>"
+CHAT_TOKENS = (*CHAT_HEADERS.values(), CHAT_END)
+ANSWER_TURNS = ("all", "last")
+
+
+def chat_template(eos_token: str) -> str:
+    """Return the Jinja chat template of the layout above, with `eos_token` ending answers."""
+    eos = json.dumps(eos_token)
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{- '<|assistant|>' -}}"
+        "{%- generation -%}{{- message['content'] + " + eos + " -}}{%- endgeneration -%}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{{- '<|user|>' + message['content'] + '<|end|>' -}}"
+        "{%- elif message['role'] == 'system' -%}"
+        "{{- '<|system|>' + message['content'] + '<|end|>' -}}"
+        "{%- else -%}"
+        "{{- raise_exception('chat role ' + message['role'] + ' is not known; accepted: "
+        "system, user, assistant') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+    )
+
+
+def add_chat_template(tok):
+    """Return `tok` with EOS, the chat turn tokens (special, never normalised) and template set.
+
+    Idempotent. The vocabulary grows by up to four tokens: resize the model's embeddings to
+    `len(tok)`. `save_pretrained` stores the template, so a reloaded tokenizer has it too.
+    """
+    from transformers import AddedToken
+
+    ensure_eos(tok)
+    have = set(tok.get_vocab())
+    new = [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
+           for t in CHAT_TOKENS if t not in have or t not in tok.all_special_tokens]
+    if new:
+        tok.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    tok.chat_template = chat_template(tok.eos_token)
+    return tok
+
+
+def chat_token_ids(tok) -> Dict[str, int]:
+    """Return the ids of the role headers (by role) and of "end"; error if they are absent."""
+    ids = {role: tok.convert_tokens_to_ids(t) for role, t in CHAT_HEADERS.items()}
+    ids["end"] = tok.convert_tokens_to_ids(CHAT_END)
+    unk = tok.unk_token_id
+    if any(i is None or i == unk for i in ids.values()):
+        raise ConfigError("the tokenizer has no chat tokens (<|user|>, <|assistant|>, ...); "
+                          "call ldm.tokenizer.add_chat_template(tok) or load an SFT export")
+    return ids
+
+
+def check_messages(messages: Sequence[dict], where: str = "conversation") -> None:
+    """Raise DataError unless `messages` is a non-empty list of {role, content: str} dicts."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DataError(f"{where} has no messages; expected a list of {{role, content}} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise DataError(f"{where} message {i} has role {role!r}; accepted: "
+                            f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where} message {i} ({message['role']}) has no string content")
+
+
+def encode_chat(tok, messages: Sequence[dict], add_generation_prompt: bool = False,
+                answer_turns: str = "all") -> Tuple[List[int], List[int]]:
+    """Return (input_ids, answer_mask) of `messages` in the chat layout, built piecewise.
+
+    Headers, <|end|> and EOS are placed by id and message text is encoded with special-token
+    matching off, so text that spells "<|end|>" or "[SEP]" stays text. The mask is 1 on the
+    assistant turns' text and EOS (only the last assistant turn's for answer_turns="last") and
+    0 on headers and on system/user turns. For ordinary text the ids equal
+    `tok.apply_chat_template(messages)["input_ids"]`.
+    """
+    if answer_turns not in ANSWER_TURNS:
+        raise ConfigError(f"answer_turns={answer_turns!r}; accepted: {', '.join(ANSWER_TURNS)}")
+    check_messages(messages)
+    marks = chat_token_ids(tok)
+    eos = tok.eos_token_id
+    bodies = tok([m["content"] for m in messages], add_special_tokens=False,
+                 split_special_tokens=True, return_attention_mask=False,
+                 return_token_type_ids=False, verbose=False)["input_ids"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    ids: List[int] = []
+    mask: List[int] = []
+    for i, (message, body) in enumerate(zip(messages, bodies)):
+        ids.append(marks[message["role"]])
+        mask.append(0)
+        if message["role"] == "assistant":
+            answer = int(answer_turns == "all" or i == last)
+            ids += body + [eos]
+            mask += [answer] * (len(body) + 1)
+        else:
+            ids += body + [marks["end"]]
+            mask += [0] * (len(body) + 1)
+    if add_generation_prompt:
+        ids.append(marks["assistant"])
+        mask.append(0)
+    return ids, mask

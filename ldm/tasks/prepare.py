@@ -51,12 +51,57 @@ def validate(cfg: DictConfig) -> None:
                           f"{task.batch_size} must both be >= 1")
     if ds.max_documents is not None and ds.max_documents < 2:
         raise ConfigError(f"dataset.max_documents={ds.max_documents} must be >= 2 (or null)")
+    if ds.kind == "chat":
+        validate_chat(cfg)
+        return
     if ds.kind != "text":
-        raise ConfigError(f"dataset={ds.name} has kind {ds.kind!r}; task=prepare builds "
-                          "pretraining data from kind 'text' datasets")
+        raise ConfigError(f"dataset.kind={ds.kind!r}; accepted: text, chat")
     if cfg.model.tokenizer == TRAIN_BPE and not cfg.model.vocab_size:
         raise ConfigError(f"model={cfg.model.name} trains a BPE tokenizer but model.vocab_size is unset")
     sources.validate_text_source(ds.source, OmegaConf.to_container(ds.hub, resolve=True), list(ds.paths))
+
+
+def validate_chat(cfg: DictConfig) -> None:
+    """Check the options of a chat dataset before any heavy work."""
+    ds = cfg.dataset
+    for key, allowed in (("answer_turns", ("all", "last")), ("padding", ("eos", "dynamic")),
+                         ("overlong", ("drop", "truncate"))):
+        if ds[key] not in allowed:
+            raise ConfigError(f"dataset.{key}={ds[key]!r}; accepted: {', '.join(allowed)}")
+    if not cfg.init_from and cfg.model.tokenizer == TRAIN_BPE:
+        raise ConfigError(f"model={cfg.model.name} has a tokenizer trained on its pretraining data; "
+                          "prepare chat data with init_from=<its pretraining export> so the "
+                          "token ids agree")
+    if ds.source == "synthetic":
+        from ldm.data import synthetic
+
+        synthetic.validate_task_types(list(ds.task_types) or None)
+        if ds.max_documents is None:
+            raise ConfigError("dataset=synthetic_tasks needs dataset.max_documents (the example count)")
+        return
+    from ldm.data.chat_sources import validate_chat_source
+
+    validate_chat_source(ds.source, OmegaConf.to_container(ds.hub, resolve=True), list(ds.paths))
+
+
+def chat_tokenizer(cfg: DictConfig):
+    """Return the tokenizer chat data is encoded with: init_from's, else the model option's."""
+    return load_tokenizer(cfg.init_from or cfg.model.tokenizer)
+
+
+def open_conversations(cfg: DictConfig):
+    """Return (callable giving conversations, description for the fingerprint)."""
+    ds = cfg.dataset
+    if ds.source == "synthetic":
+        from ldm.data import synthetic
+
+        args = (ds.max_documents, ds.split_seed, list(ds.task_types) or None, ds.difficulty)
+        return (lambda: synthetic.conversations(*args)), synthetic.describe(*args)
+    from ldm.data.chat_sources import open_chat_source
+
+    return open_chat_source(ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True),
+                            paths=list(ds.paths), streaming=ds.streaming,
+                            skip_bad_records=ds.skip_bad_records)
 
 
 def tokenizer_identity(tok) -> str:
@@ -66,8 +111,10 @@ def tokenizer_identity(tok) -> str:
 
 
 def run(cfg: DictConfig) -> float:
-    """Prepare pretraining data; return the number of training tokens."""
+    """Prepare pretraining or chat data; return the number of training tokens."""
     validate(cfg)
+    if cfg.dataset.kind == "chat":
+        return run_chat(cfg)
     ds = cfg.dataset
     final = prepared_data_dir(cfg)
     tokenizer = TRAIN_BPE
@@ -110,6 +157,63 @@ def run(cfg: DictConfig) -> float:
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(final / store.MANIFEST, "data")
     return float(manifest["splits"]["train"]["tokens"])
+
+
+def run_chat(cfg: DictConfig) -> float:
+    """Prepare chat data (token ids + answer masks); return the number of training tokens."""
+    from ldm.data.sft import build_sft_data
+
+    ds = cfg.dataset
+    final = prepared_data_dir(cfg)
+    tokenizer = chat_tokenizer(cfg)
+    conversations, description = open_conversations(cfg)
+    spec = {"source": description, "tokenizer": tokenizer_identity(tokenizer),
+            "context": cfg.context.length, "split_seed": ds.split_seed,
+            "test_split_pct": ds.test_split_pct, "answer_turns": ds.answer_turns,
+            "padding": ds.padding, "overlong": ds.overlong, "max_documents": ds.max_documents}
+    fp = store.fingerprint(spec)
+    with open_tracker(cfg) as tracker:
+        tracker.set_tags({"ldm.data_dir": str(final), "ldm.fingerprint": fp})
+        if not cfg.task.force and store.is_reusable(final, fp):
+            manifest = store.read_manifest(final)
+            print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
+        else:
+            manifest = build_sft_data(
+                conversations, final, tokenizer=tokenizer, context_length=cfg.context.length,
+                test_split_pct=ds.test_split_pct, split_seed=ds.split_seed,
+                answer_turns=ds.answer_turns, padding=ds.padding, overlong=ds.overlong,
+                num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
+                max_examples=None if ds.source == "synthetic" else ds.max_documents,
+                manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
+                                "tokenizer": {"name": cfg.model.tokenizer_name,
+                                              "from": cfg.init_from or cfg.model.tokenizer},
+                                "context": cfg.context.name},
+            )
+        print_chat_summary(final, manifest)
+        metrics = {f"{split}.{key}": value for split, st in manifest["splits"].items()
+                   for key, value in st.items() if isinstance(value, (int, float))}
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(final / store.MANIFEST, "data")
+    return float(manifest["splits"]["train"].get("answer_tokens", 0))
+
+
+def print_chat_summary(final: Path, manifest: dict) -> None:
+    """Print the counts of prepared chat data as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"prepared chat data: {final}")
+    cols = ("examples", "kept", "truncated", "dropped_overlong", "dropped_no_answer",
+            "skipped_bad", "answer_tokens", "prompt_tokens", "padding_fraction")
+    table.add_column("split")
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="right")
+    for split, st in manifest["splits"].items():
+        table.add_row(split, *(f"{st.get(c, 0):.2%}" if c == "padding_fraction"
+                               else f"{st.get(c, 0):,}" for c in cols))
+    Console().print(table)
+    print(f"padding {manifest.get('padding')}, answer turns {manifest.get('answer_turns')}, "
+          f"context {manifest.get('context_length', '')}, fingerprint {manifest['fingerprint']}")
 
 
 def print_summary(final: Path, manifest: dict) -> None:

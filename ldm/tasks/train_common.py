@@ -89,6 +89,18 @@ def build_model(cfg: DictConfig, tokenizer):
     return model
 
 
+def check_same_vocabulary(model_tok, data_tok, model_dir, data_dir, command: str) -> None:
+    """Raise DataError unless every token of the model's tokenizer has the same id in the data's."""
+    from ldm.errors import DataError
+
+    data_vocab = data_tok.get_vocab()
+    wrong = [t for t, i in model_tok.get_vocab().items() if data_vocab.get(t) != i]
+    if wrong:
+        raise DataError(f"the data at {data_dir} was tokenized with a different tokenizer than "
+                        f"{model_dir} ({len(wrong)} tokens differ, e.g. {wrong[0]!r}); re-run "
+                        f"`{command} task.force=true`")
+
+
 def previous_mlflow_run(run_dir: Path) -> Optional[str]:
     """Return the mlflow run id a resumed run continues, if it has one."""
     path = run_dir / MLFLOW_RUN_FILE
@@ -101,3 +113,71 @@ def remember_mlflow_run(run_dir: Path, run_id: Optional[str]) -> None:
         tmp = run_dir / f".{MLFLOW_RUN_FILE}.{os.getpid()}"
         tmp.write_text(run_id)
         tmp.replace(run_dir / MLFLOW_RUN_FILE)
+
+
+def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default: str,
+                 on_eval_for=None) -> float:
+    """Train on the prepared data this config names, export, and return the final held-out NELBO.
+
+    `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
+    batch collate; `on_eval_for(tokenizer, test_split)` returns an optional evaluation hook.
+    """
+    from accelerate.utils import set_seed
+
+    from ldm.data.store import load_prepared
+    from ldm.errors import DataError
+    from ldm.tasks.common import open_tracker, run_dir
+    from ldm.tasks.prepare import prepare_command, prepared_data_dir
+    from ldm.tokenizer import load_tokenizer
+    from ldm.train import checkpoint as ckpt
+    from ldm.train.loop import make_accelerator, train, validate
+
+    if cfg.dataset.kind != kind:
+        raise ConfigError(f"task={cfg.task.name} trains on kind '{kind}' datasets; dataset="
+                          f"{cfg.dataset.name} is kind '{cfg.dataset.kind}'")
+    if not cfg.init_from and cfg.context.length > cfg.model.max_positions:
+        raise ConfigError(f"context.length={cfg.context.length} exceeds model.max_positions="
+                          f"{cfg.model.max_positions} of model={cfg.model.name}")
+    data_dir = prepared_data_dir(cfg)
+    command = prepare_command(cfg) + (f" init_from={cfg.init_from}" if cfg.init_from else "")
+    splits, manifest = load_prepared(data_dir, command)
+    if manifest.get("context_length") != cfg.context.length or manifest.get("kind", "text") != kind:
+        raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
+                        f"re-run `{command} task.force=true`")
+    tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
+    if cfg.init_from and Path(cfg.init_from).is_dir():
+        check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
+    loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
+    accelerator = make_accelerator(loop_cfg)
+    validate(loop_cfg, accelerator.num_processes)
+    export_dir = Path(cfg.paths.models) / cfg.run_name
+    check_writable(export_dir.parent, "the export folder")
+    folder = run_dir(cfg)
+
+    set_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    resuming = cfg.task.resume and (cfg.task.resume_from or ckpt.latest_checkpoint(folder))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+
+    def export(mlm, step: int) -> Path:
+        out = ckpt.export_model(mlm, tokenizer, export_dir, resolved,
+                                {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
+                                 "data": str(data_dir), "mask_id": tokenizer.mask_token_id})
+        tracker.set_tags({"ldm.export": str(out)})
+        log.info("exported step %d to %s", step, out)
+        return out
+
+    with open_tracker(cfg, resume_run_id=previous_mlflow_run(folder) if resuming else None) as tracker:
+        if accelerator.is_main_process:
+            remember_mlflow_run(folder, tracker.run_id)
+            tracker.set_tags({"ldm.data_dir": str(data_dir), "ldm.run_dir": str(folder)})
+        on_eval = on_eval_for(tokenizer, splits["test"], tracker) if on_eval_for else None
+        final = train(model, tokenizer, splits["train"], splits["test"], collate_for(tokenizer),
+                      loop_cfg, accelerator=accelerator, run_dir=folder, tracker=tracker,
+                      export=export, resume=bool(cfg.task.resume),
+                      resume_from=cfg.task.resume_from, on_eval=on_eval)
+    if accelerator.is_main_process:
+        print(f"export: {export_dir}")
+        print(f"held-out NELBO/token {final.get('eval_nelbo', float('nan')):.4f}, "
+              f"perplexity bound {final.get('eval_ppl_bound', float('nan')):.2f}")
+    return float(final.get("eval_nelbo", float("nan")))

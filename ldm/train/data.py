@@ -74,6 +74,27 @@ def packed_collate(rows: Dict[str, np.ndarray], device) -> Dict[str, Optional[to
     return {"input_ids": ids, "maskable": None, "attention_mask": None}
 
 
+def chat_collate(pad_id: int):
+    """Return a collate for SFT rows: answer tokens maskable; variable rows padded per batch."""
+    def collate(rows: Dict[str, np.ndarray], device) -> Dict[str, Optional[torch.Tensor]]:
+        ids, masks = rows["input_ids"], rows["answer_mask"]
+        if isinstance(ids, np.ndarray) and ids.dtype != object and ids.ndim == 2:
+            # fixed rows, EOS-padded: every position is a real token (LLaDA SFT)
+            return {"input_ids": torch.as_tensor(ids.astype(np.int64), device=device),
+                    "maskable": torch.as_tensor(masks.astype(bool), device=device),
+                    "attention_mask": None}
+        width = max(len(r) for r in ids)
+        batch = np.full((len(ids), width), pad_id, dtype=np.int64)
+        maskable = np.zeros((len(ids), width), dtype=bool)
+        attention = np.zeros((len(ids), width), dtype=np.int64)
+        for i, (row, mask) in enumerate(zip(ids, masks)):
+            batch[i, :len(row)], maskable[i, :len(row)], attention[i, :len(row)] = row, mask, 1
+        return {"input_ids": torch.as_tensor(batch, device=device),
+                "maskable": torch.as_tensor(maskable, device=device),
+                "attention_mask": torch.as_tensor(attention, device=device)}
+    return collate
+
+
 Collate = Callable[[Dict[str, np.ndarray], torch.device], Dict[str, Optional[torch.Tensor]]]
 
 

@@ -128,8 +128,13 @@ def validate(cfg: LoopConfig, processes: int) -> None:
 
 def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopConfig, *,
           accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
-          resume: bool = True, resume_from: Optional[str] = None) -> Dict[str, float]:
-    """Train `model` to cfg.max_steps, checkpointing and exporting; return the final metrics."""
+          resume: bool = True, resume_from: Optional[str] = None,
+          on_eval: Optional[Callable[[torch.nn.Module, int], None]] = None) -> Dict[str, float]:
+    """Train `model` to cfg.max_steps, checkpointing and exporting; return the final metrics.
+
+    `on_eval(masked_lm, step)` runs on the main process after each evaluation (e.g. to sample
+    answers for a few held-out prompts).
+    """
     from tqdm.auto import tqdm
 
     validate(cfg, accelerator.num_processes)
@@ -226,6 +231,9 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 evals = evaluate(wrapped, eval_data, collate, cfg, device)
                 if accelerator.is_main_process:
                     tracker.log_metrics(evals, step=done)
+                    if on_eval is not None:
+                        with torch.no_grad():
+                            on_eval(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
                 final.update(evals)
                 wrapped.train()
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
