@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ldm.errors import LdmError
 
 # Only tasks that really work are listed here.
-TASKS = ("prepare", "pretrain")
+TASKS = ("prepare", "pretrain", "sft")
 
 log = logging.getLogger("ldm")
 
