@@ -147,9 +147,11 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is not handed to accelerate's checkpointing, which unpickles custom objects
+    # with weights_only=False; its whole state is the number of optimizer steps taken, saved in
+    # trainer_state.json (the optimizer's own state restores the current lr).
 
-    state = {"tokens_seen": 0, "skipped_steps": 0, **cfg.extra_state}
+    state = {"tokens_seen": 0, "skipped_steps": 0, "scheduler_steps": 0, **cfg.extra_state}
     start = 0
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
@@ -161,7 +163,10 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
                            "it was saved by a different architecture or vocabulary") from err
         start = int(saved["step"])
-        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps") if k in saved})
+        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scheduler_steps")
+                      if k in saved})
+        scheduler.last_epoch = int(state["scheduler_steps"])
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         log.info("resumed from %s at step %d", source, start)
 
     view = train_data.with_format("numpy")
@@ -204,6 +209,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 continue
             optimizer.step()
             scheduler.step()
+            state["scheduler_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
             state["tokens_seen"] += tokens * accelerator.num_processes
             window["loss"] += float(step_loss)
