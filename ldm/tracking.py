@@ -10,8 +10,9 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 
@@ -26,6 +27,7 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+RETRY_SECONDS = 15.0  # while the store is away, retry queued writes at most this often
 
 
 def local_store_uri(outputs: str | Path) -> str:
@@ -102,8 +104,16 @@ class Tracker:
         self.uri = uri
         self._client = None
         self._logged_upto: Dict[str, int] = {}
+        self._pending: List[Tuple[str, Callable[[], None], list]] = []
+        self._retry_after = 0.0
+        self._failing = False
+        self.fallback_path: Optional[Path] = None
         if not enabled:
             return
+        if uri and uri.startswith(("http://", "https://")):
+            # mlflow retries a failed request for minutes by default; training cannot wait that long
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
             self._start(uri, artifact_location, experiment, run_name, parent_run_id,
                         resume_run_id, tags or {})
@@ -151,6 +161,37 @@ class Tracker:
                 raise
             return existing.experiment_id
 
+    # --- writing: every call goes through _send, which buffers while the store is away -----
+
+    def _send(self, what: str, call: Callable[[], None], metrics: Optional[list] = None) -> None:
+        """Run one write; while the store is unreachable, queue it and retry later."""
+        if not self.enabled:
+            return
+        self._pending.append((what, call, metrics or []))
+        if time.monotonic() < self._retry_after:
+            return
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send queued writes in order; return True when nothing is left queued."""
+        while self._pending:
+            what, call, _ = self._pending[0]
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - network, HTTP or database errors alike
+                self._retry_after = time.monotonic() + RETRY_SECONDS
+                if not self._failing:
+                    self._failing = True
+                    log.warning("mlflow tracking store %s is unreachable (%s: %s); training goes on, "
+                                "writes are buffered and sent when it is back", self.uri,
+                                type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+                return False
+            self._pending.pop(0)
+        if self._failing:
+            self._failing = False
+            log.warning("mlflow tracking store %s is back; buffered writes sent", self.uri)
+        return True
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in batches that respect mlflow's limits."""
         if not self.enabled:
@@ -160,24 +201,24 @@ class Tracker:
         items = sorted(clip_params(params).items())
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             batch = [Param(k, v) for k, v in items[start:start + MAX_PARAMS_PER_BATCH]]
-            self._client.log_batch(self.run_id, params=batch)
+            self._send("params", lambda b=batch: self._client.log_batch(self.run_id, params=b))
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        """Log numeric metrics at one step."""
+        """Log numeric metrics at one step (each step at most once per key, across resumes)."""
         if not self.enabled or not metrics:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         step = step or 0
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if step > self._logged_upto.get(k, -1)]
-        if not batch:
-            return
+        for metric in batch:
+            self._logged_upto[metric.key] = step
         for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
+            chunk = batch[start:start + MAX_METRICS_PER_BATCH]
+            self._send("metrics", lambda c=chunk: self._client.log_batch(self.run_id, metrics=c),
+                       metrics=chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set string tags on the run."""
@@ -185,7 +226,8 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._send("tags", lambda: self._client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         """Upload one file or folder to the run's artifacts."""
@@ -193,20 +235,46 @@ class Tracker:
             return
         path = Path(path)
         if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            self._send("artifact", lambda: self._client.log_artifacts(self.run_id, str(path),
+                                                                      artifact_path))
         elif path.is_file():
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            self._send("artifact", lambda: self._client.log_artifact(self.run_id, str(path),
+                                                                     artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save a string as an artifact file."""
-        if not self.enabled:
-            return
-        self._client.log_text(self.run_id, text, artifact_file)
+        self._send("text", lambda: self._client.log_text(self.run_id, text, artifact_file))
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED, FAILED or KILLED."""
-        if self.enabled and self.run_id:
-            self._client.set_terminated(self.run_id, status=status)
+        """Send what is queued, then mark the run FINISHED, FAILED or KILLED.
+
+        Writes that still cannot be sent are saved to `fallback_path` (JSONL) and the user is told.
+        """
+        if not (self.enabled and self.run_id):
+            return
+        self._retry_after = 0.0
+        self._send("status", lambda: self._client.set_terminated(self.run_id, status=status))
+        if self._pending:
+            self._write_fallback()
+
+    def _write_fallback(self) -> None:
+        import json
+
+        target = Path(self.fallback_path or "mlflow_unsent.jsonl")
+        lines = []
+        for what, _, metrics in self._pending:
+            lines += [json.dumps({"key": m.key, "value": m.value, "step": m.step,
+                                  "timestamp": m.timestamp}) for m in metrics]
+            if what != "metrics":
+                lines.append(json.dumps({"unsent": what}))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+        log.warning("mlflow run %s at %s missed %d writes; its metrics are saved in %s",
+                    self.run_id, self.uri, len(self._pending), target)
+        print(f"warning: mlflow could not be reached; unsent metrics saved to {target}",
+              file=sys.stderr)
+        self._pending.clear()
 
     def __enter__(self) -> "Tracker":
         return self

@@ -83,5 +83,33 @@ def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracki
         else:
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "hydra/config.yaml")
     if tracker.enabled:
+        tracker.fallback_path = run_dir(cfg) / "mlflow_unsent.jsonl"
         log.info("mlflow run %s in experiment %r (%s)", tracker.run_id, experiment, uri)
     return tracker
+
+
+def lock_run_folder(folder: Path):
+    """Hold an exclusive lock on a run folder for this process's lifetime; refuse if held.
+
+    Returns the open lock file (keep a reference). The OS drops the lock when the process
+    ends, however it ends, so a killed run never blocks its own resumption.
+    """
+    import fcntl
+    import os
+
+    from ldm.errors import LdmError
+
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise LdmError(f"run folder {folder} is in use by {owner}: a run with this run_name is "
+                       "already going; wait for it or pick another run_name=") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle

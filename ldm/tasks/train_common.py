@@ -126,7 +126,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
 
     from ldm.data.store import load_prepared
     from ldm.errors import DataError
-    from ldm.tasks.common import open_tracker, run_dir
+    from ldm.tasks.common import lock_run_folder, open_tracker, run_dir
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
     from ldm.train import checkpoint as ckpt
@@ -153,6 +153,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     export_dir = Path(cfg.paths.models) / cfg.run_name
     check_writable(export_dir.parent, "the export folder")
     folder = run_dir(cfg)
+    lock = lock_run_folder(folder) if accelerator.is_main_process else None  # noqa: F841
 
     set_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
