@@ -78,9 +78,14 @@ def test_init_from_a_folder_without_tokenizer_is_refused(base_export, tmp_path):
     assert str(bare) in line and "tokenizer" in line
 
 
-def test_chat_data_for_a_trained_bpe_model_needs_init_from(tmp_path):
-    line = _error(run_cli(["task=prepare", *TINY, *CHAT, "tracking=off"], tmp_path))
-    assert "init_from" in line
+def test_chat_data_for_a_model_from_scratch_trains_its_own_bpe(tmp_path):
+    proc = run_cli(["task=prepare", *TINY, *CHAT, "tracking=off"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "data" / "synthetic_tasks" / "bpe320" / "ctx64"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tok) <= 320 + 4 and "<|assistant|>" in tok.get_vocab()
 
 
 def test_sft_on_a_text_dataset_is_refused(base_export):

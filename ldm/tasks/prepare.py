@@ -68,10 +68,8 @@ def validate_chat(cfg: DictConfig) -> None:
                          ("overlong", ("drop", "truncate"))):
         if ds[key] not in allowed:
             raise ConfigError(f"dataset.{key}={ds[key]!r}; accepted: {', '.join(allowed)}")
-    if not cfg.init_from and cfg.model.tokenizer == TRAIN_BPE:
-        raise ConfigError(f"model={cfg.model.name} has a tokenizer trained on its pretraining data; "
-                          "prepare chat data with init_from=<its pretraining export> so the "
-                          "token ids agree")
+    if not cfg.init_from and cfg.model.tokenizer == TRAIN_BPE and not cfg.model.vocab_size:
+        raise ConfigError(f"model={cfg.model.name} trains a BPE tokenizer but model.vocab_size is unset")
     for part in chat_components(ds):
         if part["source"] == "synthetic":
             from ldm.data import synthetic
@@ -108,9 +106,29 @@ def chat_components(ds: DictConfig) -> list:
     return parts
 
 
-def chat_tokenizer(cfg: DictConfig):
-    """Return the tokenizer chat data is encoded with: init_from's, else the model option's."""
-    return load_tokenizer(cfg.init_from or cfg.model.tokenizer)
+def chat_tokenizer(cfg: DictConfig, conversations):
+    """Return the tokenizer chat data is encoded with: init_from's, else the model option's.
+
+    A model whose tokenizer is trained (modernbert_tiny) and that starts from scratch gets a BPE
+    trained on the message texts of the training split; starting from a pretraining export
+    (init_from) keeps that export's tokenizer, so the token ids agree.
+    """
+    if cfg.init_from or cfg.model.tokenizer != TRAIN_BPE:
+        return load_tokenizer(cfg.init_from or cfg.model.tokenizer)
+    import tempfile
+
+    from ldm.data.pretrain import split_of
+    from ldm.tokenizer import train_bpe
+
+    ds = cfg.dataset
+
+    def texts():
+        for index, messages in enumerate(conversations()):
+            if split_of(index, ds.split_seed, ds.test_split_pct) == "train":
+                yield "\n".join(m["content"] for m in messages)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return train_bpe(texts(), cfg.model.vocab_size, tmp)
 
 
 def _open_part(part: dict, split_seed: int, streaming: bool):
@@ -204,9 +222,13 @@ def run_chat(cfg: DictConfig) -> float:
 
     ds = cfg.dataset
     final = prepared_data_dir(cfg)
-    tokenizer = chat_tokenizer(cfg)
     conversations, description = open_conversations(cfg)
-    spec = {"source": description, "tokenizer": tokenizer_identity(tokenizer),
+    if cfg.init_from or cfg.model.tokenizer != TRAIN_BPE:
+        tokenizer = chat_tokenizer(cfg, conversations)
+        tok_id = tokenizer_identity(tokenizer)
+    else:
+        tokenizer, tok_id = None, {"train_bpe": cfg.model.vocab_size}
+    spec = {"source": description, "tokenizer": tok_id,
             "context": cfg.context.length, "split_seed": ds.split_seed,
             "test_split_pct": ds.test_split_pct, "answer_turns": ds.answer_turns,
             "padding": ds.padding, "overlong": ds.overlong, "max_documents": ds.max_documents}
@@ -217,6 +239,7 @@ def run_chat(cfg: DictConfig) -> float:
             manifest = store.read_manifest(final)
             print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
         else:
+            tokenizer = tokenizer or chat_tokenizer(cfg, conversations)
             manifest = build_sft_data(
                 conversations, final, tokenizer=tokenizer, context_length=cfg.context.length,
                 test_split_pct=ds.test_split_pct, split_seed=ds.split_seed,
