@@ -104,6 +104,19 @@ class ChainTaskConfig(TaskConfig):
 
 
 @dataclass
+class EvaluateTaskConfig(TaskConfig):
+    """Held-out NELBO of an export and, on chat data, its sampled answers scored."""
+
+    name: str = "evaluate"
+    t_grid: int = 8  # fixed t values (midpoints of equal bins of [eps, 1]) for the NELBO
+    mc_samples: int = 2  # independent masks per t value and row
+    max_rows: Optional[int] = None  # held-out rows in the NELBO; null = the whole test split
+    max_examples: int = 64  # chat data: held-out prompts answered with the sampler; 0 = none
+    batch_size: int = 8  # rows per NELBO batch and prompts per sampler batch
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # hub | package | config
@@ -237,7 +250,8 @@ class LdmConfig:
 
 
 TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
-                "sample": SampleTaskConfig, "chain": ChainTaskConfig}
+                "sample": SampleTaskConfig, "chain": ChainTaskConfig,
+                "evaluate": EvaluateTaskConfig}
 
 _GROUP_SCHEMAS = {
     "model": ModelConfig,

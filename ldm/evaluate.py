@@ -1,4 +1,5 @@
-"""Held-out evaluation: the negative ELBO per token, its perplexity bound, accuracy by t bucket.
+"""Held-out evaluation: the negative ELBO per token, its perplexity bound, accuracy by t bucket;
+and the scoring of sampled answers (SQuAD token F1, exact-match summaries).
 
 Deterministic by construction: a fixed subset of held-out rows, a fixed grid of t values (the
 midpoints of K equal bins of [eps, 1], i.e. midpoint quadrature of the ELBO's integral over t)
@@ -8,9 +9,15 @@ numbers at every step of every run, so curves are comparable.
 
 from __future__ import annotations
 
+import collections
 import math
-from typing import Callable, Dict, Iterable, Optional
+import re
+import string
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,3 +92,153 @@ def fixed_batches(data, num_batches: int, batch_size: int, collate: Callable, de
     view = data.with_format("numpy")
     for start in range(0, rows, batch_size):
         yield collate(view[start:min(start + batch_size, rows)], device)
+
+
+# --- answers to held-out prompts --------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def f1_tokens(text: str) -> List[str]:
+    """Return SQuAD's normalised tokens of `text`: lowercase, no punctuation or articles."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Return the SQuAD token F1 of `prediction` against `reference` (1.0 when both are empty)."""
+    pred, gold = f1_tokens(prediction), f1_tokens(reference)
+    if not pred or not gold:
+        return float(pred == gold)
+    same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def heldout_answers(test_split, count: int) -> List[Tuple[List[int], List[int]]]:
+    """Return (prompt ids, reference ids) of the last answer of the first `count` held-out rows.
+
+    The prompt is everything before the row's last answer span (earlier answers included, so a
+    multi-turn conversation is asked its last question in context); the reference runs from
+    there to the row's length (the answer and its EOS, without the EOS padding).
+    """
+    out = []
+    view = test_split.with_format("numpy")
+    for i in range(min(count, len(test_split))):
+        row = view[i]
+        ids, mask = np.asarray(row["input_ids"]), np.asarray(row["answer_mask"]).astype(bool)
+        length = int(row["length"]) if "length" in row else len(ids)
+        if not mask[:length].any():
+            continue
+        prompt_end = np.flatnonzero(~mask[:length])
+        start = int(prompt_end[-1]) + 1 if len(prompt_end) else 0
+        if start == 0 or start >= length:
+            continue
+        out.append((ids[:start].tolist(), ids[start:length].tolist()))
+    return out
+
+
+def answer_metrics(records: Sequence[Dict]) -> Dict[str, float]:
+    """Return exact_match (overall and per task type) or f1, mean nfe, seconds and tokens/s.
+
+    Records carry nfe, seconds and tokens, and either `correct` (with `task`) or `f1`.
+    """
+    if not records:
+        return {}
+    out: Dict[str, float] = {"examples": float(len(records))}
+    scored = [r for r in records if "correct" in r]
+    if scored:
+        out["exact_match"] = sum(r["correct"] for r in scored) / len(scored)
+        for task in sorted({r["task"] for r in scored}):
+            mine = [r["correct"] for r in scored if r["task"] == task]
+            out[f"exact_match.{task}"] = sum(mine) / len(mine)
+    with_f1 = [r["f1"] for r in records if "f1" in r]
+    if with_f1:
+        out["f1"] = sum(with_f1) / len(with_f1)
+    seconds = sum(r["seconds"] for r in records)
+    out["mean_nfe"] = sum(r["nfe"] for r in records) / len(records)
+    out["seconds_per_answer"] = seconds / len(records)
+    out["mean_answer_tokens"] = sum(r["tokens"] for r in records) / len(records)
+    out["tokens_per_second"] = sum(r["tokens"] for r in records) / seconds if seconds > 0 else 0.0
+    return out
+
+
+def synthetic_references(manifest: dict, tok, prompts: List[List[int]], data_dir: Path,
+                         command: str) -> List[Tuple[str, str]]:
+    """Return (task type, reference answer) for each held-out synthetic prompt, in order.
+
+    The examples are regenerated from the generator settings the data was prepared with (its
+    manifest) and the held-out ones picked with the same split rule; each test row is matched to
+    the next held-out example with the same prompt ids (examples dropped as overlong are skipped).
+    """
+    from ldm.data import synthetic
+    from ldm.data.pretrain import split_of
+    from ldm.errors import DataError
+    from ldm.tokenizer import encode_chat
+
+    src = manifest.get("source")
+    if (not isinstance(src, dict) or src.get("source") != "synthetic"
+            or src.get("generator_version") != synthetic.GENERATOR_VERSION):
+        raise DataError(f"{data_dir} does not hold synthetic examples of generator version "
+                        f"{synthetic.GENERATOR_VERSION}; re-run `{command} task.force=true`")
+    examples = synthetic.generate(src["num_examples"], src["seed"], src["task_types"],
+                                  src["difficulty"])
+    seed, pct = manifest["split_seed"], manifest["test_split_pct"]
+    held = (ex for i, ex in enumerate(examples) if split_of(i, seed, pct) == "test")
+    out = []
+    for n, prompt in enumerate(prompts):
+        for ex in held:
+            if encode_chat(tok, ex["messages"][:-1], add_generation_prompt=True)[0] == prompt:
+                out.append((ex["task"], ex["answer"]))
+                break
+        else:
+            raise DataError(f"held-out row {n} of {data_dir} matches no regenerated synthetic "
+                            f"example; re-run `{command} task.force=true`")
+    return out
+
+
+def answer_all(model, tok, jobs: List[dict], settings: Dict[str, Any], *, mask_id: int,
+               batch_size: int, seed: int, device) -> List[dict]:
+    """Sample an answer for every job (prompt ids + reference) in batches; return the records."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ldm.data import synthetic
+    from ldm.sampling.sampler import generate, hf_logits_fn
+
+    logits_fn = hf_logits_fn(model)
+    factor = 2 if settings.get("cfg_scale", 0) > 0 else 1
+    records = []
+    starts = range(0, len(jobs), batch_size)
+    for b, start in enumerate(tqdm(starts, desc="answers", unit="batch")):
+        batch = jobs[start:start + batch_size]
+        calls = torch.zeros(len(batch), dtype=torch.long)
+
+        def count(step, calls=calls):
+            # a row that commits at a step was in that step's model call(s)
+            calls.add_(step.committed.any(1).long())
+
+        began = time.perf_counter()
+        result = generate(logits_fn, [j["prompt_ids"] for j in batch], mask_id=mask_id,
+                          eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
+                          pad_id=tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(seed * 1_000_003 + b),
+                          max_positions=getattr(model.config, "max_position_embeddings", None),
+                          device=device, record_history=False, on_step=count, **settings)
+        seconds = (time.perf_counter() - began) / len(batch)
+        for job, tokens, nfe in zip(batch, result.tokens, calls.tolist()):
+            answer = tok.decode(tokens, skip_special_tokens=True).strip()
+            record = {"prompt": tok.decode(job["prompt_ids"], skip_special_tokens=False),
+                      "reference": job["reference"], "answer": answer}
+            if job.get("task") is not None:
+                record["task"] = job["task"]
+                record["correct"] = bool(synthetic.check(job["task"], answer, job["reference"]))
+            else:
+                record["f1"] = token_f1(answer, job["reference"])
+            record.update({"nfe": nfe * factor, "seconds": seconds, "tokens": len(tokens),
+                           "tokens_per_second": len(tokens) / seconds if seconds > 0 else 0.0})
+            records.append(record)
+    return records

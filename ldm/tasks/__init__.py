@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ldm.errors import LdmError
 
 # Only tasks that really work are listed here.
-TASKS = ("prepare", "pretrain", "sft", "sample", "chain")
+TASKS = ("prepare", "pretrain", "sft", "sample", "chain", "evaluate")
 
 log = logging.getLogger("ldm")
 

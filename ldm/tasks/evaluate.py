@@ -1,0 +1,279 @@
+"""task=evaluate: the held-out NELBO of an export and, on chat data, its answers scored.
+
+    python run.py task=evaluate checkpoint=outputs/models/<run> dataset=<name> model=<option> \
+        context=<ctx> [sampler=fast sampler.max_new_tokens=32 ...]
+
+The prepared data is found by name (dataset, model's tokenizer, context) as in training. On its
+test split: the negative ELBO per maskable token and its perplexity bound, deterministic (rows
+from the start of the split, `task.t_grid` fixed t values, `task.mc_samples` seeded masks each),
+and the masked-token accuracy by t bucket. On chat data, the first `task.max_examples` held-out
+prompts are answered with the configured sampler and scored: exact match with the synthetic
+checker for dataset=synthetic_tasks (overall and per task type), SQuAD token F1 against the
+reference answer otherwise. Per-example results go to <run dir>/eval/results.jsonl and mlflow.
+
+The metric returned (tag `ldm.headline_metric`): exact_match (higher is better) on synthetic
+tasks, f1 (higher is better) on other chat data, nelbo (lower is better) on text data and on
+chat data evaluated without answers (task.max_examples=0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.errors import ConfigError, DataError, LdmError
+
+log = logging.getLogger("ldm")
+
+DEVICES = ("auto", "cpu", "cuda")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what a fast tokenizer is built from
+RESULTS = Path("eval") / "results.jsonl"
+METRICS = Path("eval") / "metrics.json"
+
+
+@dataclass
+class Checkpoint:
+    """An export folder or hub id, with what its config says about it."""
+
+    where: str
+    hub: bool
+    mask_id: Optional[int]
+    max_positions: Optional[int]
+
+
+def validate(cfg: DictConfig) -> Dict[str, Any]:
+    """Check the task and sampler settings before anything is loaded; return the sampler args."""
+    from ldm.sampling.validation import validate_sampler_args
+
+    task = cfg.task
+    for key in ("t_grid", "mc_samples", "batch_size"):
+        if task[key] < 1:
+            raise ConfigError(f"task.{key}={task[key]} must be >= 1")
+    if task.max_examples < 0:
+        raise ConfigError(f"task.max_examples={task.max_examples} must be >= 0 (0 = no answers)")
+    if task.max_rows is not None and task.max_rows < 1:
+        raise ConfigError(f"task.max_rows={task.max_rows} must be >= 1 or null (the whole split)")
+    if task.device not in DEVICES:
+        raise ConfigError(f"task.device={task.device!r}; accepted: {', '.join(DEVICES)}")
+    if cfg.dataset.kind not in ("text", "chat"):
+        raise ConfigError(f"dataset.kind={cfg.dataset.kind!r}; accepted: text, chat")
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
+                if k != "name"}
+    validate_sampler_args(prompt_length=0, **{k: v for k, v in settings.items()
+                                              if k != "early_stop"})
+    return settings
+
+
+def resolve_checkpoint(checkpoint: Optional[str]) -> Checkpoint:
+    """Return the checkpoint: a complete export folder, else a hub id that can be reached."""
+    from ldm.train.checkpoint import EXPORT_INFO
+
+    if not checkpoint:
+        raise ConfigError("task=evaluate needs checkpoint=<export dir or hub id>; task=pretrain "
+                          "and task=sft write exports to outputs/models/<run_name>")
+    folder = Path(checkpoint).expanduser()
+    if folder.is_dir():
+        lacking = [what for what, names in (("config.json", ("config.json",)),
+                                            ("model weights (model.safetensors)", WEIGHT_FILES),
+                                            ("tokenizer (tokenizer.json)", TOKENIZER_FILES))
+                   if not any((folder / n).is_file() for n in names)]
+        if lacking:
+            raise ConfigError(f"checkpoint={checkpoint!r} is not an export: it has no "
+                              f"{', no '.join(lacking)}; pass a folder from outputs/models/ or a "
+                              "hub id")
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            info_file = folder / EXPORT_INFO
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"checkpoint={checkpoint!r}: unreadable json ({err})") from err
+        return Checkpoint(str(folder.resolve()), False, info.get("mask_id"),
+                          config.get("max_position_embeddings"))
+    if folder.exists() or not HUB_ID.match(checkpoint):
+        raise ConfigError(f"checkpoint={checkpoint!r} is neither an export folder nor a hub id; "
+                          "pass a folder from outputs/models/ or a hub id")
+    from transformers import AutoConfig
+
+    from ldm.hub import require_hub
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    except (OSError, ValueError):
+        require_hub(f"checkpoint={checkpoint!r} (not a local folder, so a hub id)",
+                    "an export folder from outputs/models/")
+        try:
+            config = AutoConfig.from_pretrained(checkpoint)
+        except (OSError, ValueError) as err:
+            raise LdmError(f"checkpoint={checkpoint!r} is neither a local folder nor a model on "
+                           f"the hub: {str(err).splitlines()[0]}") from err
+    return Checkpoint(checkpoint, True, None, getattr(config, "max_position_embeddings", None))
+
+
+def check_data_vocabulary(ckpt_tok, data_tok, checkpoint: str, data_dir: Path,
+                          command: str) -> None:
+    """Raise DataError unless every token of the data's tokenizer has the same id in the model's.
+
+    This direction, because the checkpoint may know more tokens than the data uses (an SFT export
+    has the chat tokens; text data prepared before them has not), never fewer: a data id the
+    model reads as another token, or not at all, makes every number meaningless.
+    """
+    from ldm.tokenizer import CHAT_TOKENS
+
+    model_vocab = ckpt_tok.get_vocab()
+    wrong = [t for t, i in data_tok.get_vocab().items() if model_vocab.get(t) != i]
+    if not wrong:
+        return
+    absent = [t for t in CHAT_TOKENS if t in data_tok.get_vocab() and t not in model_vocab]
+    if absent:
+        raise DataError(f"checkpoint={checkpoint} has no chat tokens ({', '.join(absent)}) but "
+                        f"the chat data at {data_dir} uses them: a pretraining export? evaluate an "
+                        "SFT export on chat data, or this one on a text dataset")
+    raise DataError(f"the data at {data_dir} was tokenized with a tokenizer that checkpoint="
+                    f"{checkpoint} does not share: {len(wrong)} of its tokens have another id or "
+                    f"none in the checkpoint's tokenizer, e.g. {wrong[0]!r}; prepare the data "
+                    f"with the checkpoint's tokenizer: `{command} task.force=true`")
+
+
+def pick_device(name: str):
+    """Return the torch device for task.device (auto = cuda when available)."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("task.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling, so no reader sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def print_summary(metrics: Dict[str, float], headline: str, lower_better: bool) -> None:
+    """Print the metrics as a table and the headline with its direction."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{int(value):,}" if key in ("rows", "examples") else f"{value:,.4f}")
+    Console().print(table)
+    print(f"headline {headline} = {metrics.get(headline, float('nan')):.4f} "
+          f"({'lower' if lower_better else 'higher'} is better)")
+
+
+def run(cfg: DictConfig) -> float:
+    """Evaluate the checkpoint on the prepared test split; return the headline metric."""
+    from tqdm.auto import tqdm
+
+    from ldm.data.store import load_prepared
+    from ldm.evaluate import (answer_all, answer_metrics, fixed_batches, heldout_answers,
+                               heldout_nelbo, synthetic_references)
+    from ldm.model import load_model
+    from ldm.tasks.common import open_tracker, run_dir
+    from ldm.tasks.prepare import prepare_command, prepared_data_dir
+    from ldm.tokenizer import load_tokenizer
+    from ldm.train.data import chat_collate, packed_collate
+
+    settings = validate(cfg)
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    kind = cfg.dataset.kind
+    data_dir = prepared_data_dir(cfg)
+    command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")
+    splits, manifest = load_prepared(data_dir, command)
+    if manifest.get("kind", "text") != kind or manifest.get("context_length") != cfg.context.length:
+        raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
+                        f"re-run `{command} task.force=true`")
+    if ckpt.max_positions is not None and cfg.context.length > ckpt.max_positions:
+        raise ConfigError(f"context.length={cfg.context.length} exceeds the "
+                          f"{ckpt.max_positions} positions of checkpoint={cfg.checkpoint}")
+    test = splits["test"]
+    if len(test) == 0:
+        raise DataError(f"the test split of {data_dir} is empty; prepare it with a larger "
+                        "dataset.test_split_pct")
+    tok = load_tokenizer(ckpt.where)
+    check_data_vocabulary(tok, load_tokenizer(str(data_dir / "tokenizer")), cfg.checkpoint,
+                          data_dir, command)
+    mask_id = ckpt.mask_id if ckpt.mask_id is not None else tok.mask_token_id
+
+    jobs: List[dict] = []
+    synthetic_data = kind == "chat" and cfg.dataset.source == "synthetic"
+    if kind == "chat" and cfg.task.max_examples > 0:
+        pairs = heldout_answers(test, cfg.task.max_examples)
+        if synthetic_data:
+            refs = synthetic_references(manifest, tok, [p for p, _ in pairs], data_dir, command)
+        else:
+            refs = [(None, tok.decode(r, skip_special_tokens=True).strip()) for _, r in pairs]
+        jobs = [{"prompt_ids": p, "task": task, "reference": ref}
+                for (p, _), (task, ref) in zip(pairs, refs)]
+        longest = max((len(j["prompt_ids"]) for j in jobs), default=0)
+        limit = ckpt.max_positions
+        if limit is not None and longest + settings["max_new_tokens"] > limit:
+            raise ConfigError(f"the longest held-out prompt has {longest} tokens; + "
+                              f"sampler.max_new_tokens={settings['max_new_tokens']} exceeds the "
+                              f"{limit} positions of the checkpoint; lower "
+                              "sampler.max_new_tokens or task.max_examples")
+    if kind == "text":
+        headline, lower_better = "nelbo", True
+    else:
+        headline, lower_better = ("exact_match" if synthetic_data else "f1"), False
+    if not jobs and headline != "nelbo":
+        headline, lower_better = "nelbo", True
+
+    device = pick_device(cfg.task.device)
+    folder = run_dir(cfg)
+    rows = len(test) if cfg.task.max_rows is None else min(cfg.task.max_rows, len(test))
+    collate = chat_collate(tok.pad_token_id) if kind == "chat" else packed_collate
+    (folder / RESULTS).unlink(missing_ok=True)  # a rerun of this run_name starts afresh
+    with open_tracker(cfg) as tracker:
+        tracker.set_tags({"ldm.checkpoint": ckpt.where, "ldm.data_dir": str(data_dir),
+                          "ldm.fingerprint": manifest.get("fingerprint", ""),
+                          "ldm.run_dir": str(folder), "ldm.headline_metric": headline,
+                          "ldm.headline_direction": "lower" if lower_better else "higher"})
+        log.info("evaluating %s on the test split of %s", ckpt.where, data_dir)
+        model = load_model("hub" if ckpt.hub else "export", ckpt.where, dtype=cfg.model.dtype,
+                           attn_implementation=cfg.model.attn_implementation,
+                           trust_remote_code=cfg.model.trust_remote_code)
+        if model.get_input_embeddings().num_embeddings < len(tok):
+            raise LdmError(f"checkpoint={cfg.checkpoint}: the model has "
+                           f"{model.get_input_embeddings().num_embeddings} embeddings but its "
+                           f"tokenizer {len(tok)} tokens; the export is inconsistent")
+        model = model.to(device).eval()
+        num_batches = math.ceil(rows / cfg.task.batch_size)
+        batches = fixed_batches(test, num_batches, cfg.task.batch_size, collate, device)
+        metrics = heldout_nelbo(
+            model, tqdm(batches, total=num_batches, desc="held-out NELBO", unit="batch"),
+            schedule=cfg.masking.schedule, eps=cfg.masking.eps, grid_points=cfg.task.t_grid,
+            mask_id=mask_id, seed=cfg.seed, samples=cfg.task.mc_samples)
+        metrics["rows"] = float(rows)
+        if jobs:
+            records = answer_all(model, tok, jobs, settings, mask_id=mask_id,
+                                 batch_size=cfg.task.batch_size, seed=cfg.seed, device=device)
+            metrics.update(answer_metrics(records))
+            path = write_atomically(folder / RESULTS,
+                                    "".join(json.dumps(r) + "\n" for r in records))
+            tracker.log_artifact(path, "eval")
+        metrics_path = write_atomically(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(metrics_path, "eval")
+    print(f"checkpoint {ckpt.where}, held-out data {data_dir}")
+    print_summary(metrics, headline, lower_better)
+    if jobs:
+        print(f"results: {folder / RESULTS}")
+    return float(metrics[headline])
