@@ -51,6 +51,30 @@ def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopC
     )
 
 
+def accelerate_settings(cfg: DictConfig) -> dict:
+    """Return the accelerate config file the hardware preset names (empty when none)."""
+    import yaml
+
+    name = cfg.hardware.accelerate_config
+    if not name:
+        return {}
+    path = Path(name) if Path(name).is_absolute() else Path(cfg.paths.root) / name
+    if not path.is_file():
+        raise ConfigError(f"hardware.accelerate_config={name} is not a file ({path}); name one of "
+                          "accelerate_configs/*.yaml or null")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def fsdp_layer_names(settings: dict) -> list:
+    """Return the layer classes an FSDP accelerate config wraps (empty when it wraps none)."""
+    fsdp = settings.get("fsdp_config") or {}
+    if settings.get("distributed_type") != "FSDP" or \
+            fsdp.get("fsdp_auto_wrap_policy") != "TRANSFORMER_BASED_WRAP":
+        return []
+    names = fsdp.get("fsdp_transformer_layer_cls_to_wrap") or ""
+    return [n.strip() for n in str(names).split(",") if n.strip()]
+
+
 def model_source(cfg: DictConfig) -> tuple[str, Optional[str]]:
     """Return (source, pretrained) for load_model: init_from wins over the model option."""
     if cfg.init_from:
@@ -63,6 +87,10 @@ def build_model(cfg: DictConfig, tokenizer):
     from ldm.model import load_model
 
     source, pretrained = model_source(cfg)
+    if source == "export":
+        from ldm.train.checkpoint import check_export_compatible
+
+        check_export_compatible(pretrained)
     arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
     if source == "config":
         # a model built from scratch takes its special ids from the tokenizer it is built for
@@ -126,12 +154,14 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
 
     from ldm.data.store import load_prepared
     from ldm.errors import DataError
-    from ldm.tasks.common import lock_run_folder, open_tracker, run_dir
+    from ldm.tasks.common import (check_run_name, check_tracking, lock_run_folder, open_tracker,
+                                  run_dir)
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
     from ldm.train import checkpoint as ckpt
-    from ldm.train.loop import make_accelerator, train, validate
+    from ldm.train.loop import check_world_size, layers_to_wrap, make_accelerator, train, validate
 
+    check_tracking(cfg)
     if cfg.dataset.kind != kind:
         raise ConfigError(f"task={cfg.task.name} trains on kind '{kind}' datasets; dataset="
                           f"{cfg.dataset.name} is kind '{cfg.dataset.kind}'")
@@ -148,22 +178,34 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     if cfg.init_from and Path(cfg.init_from).is_dir():
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
     loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
+    validate(loop_cfg, cfg.hardware.num_processes)
+    launch = accelerate_settings(cfg)
     accelerator = make_accelerator(loop_cfg)
-    validate(loop_cfg, accelerator.num_processes)
-    export_dir = Path(cfg.paths.models) / cfg.run_name
+    check_world_size(cfg.hardware.num_processes, accelerator.num_processes)
+    if launch.get("distributed_type") in ("FSDP", "DEEPSPEED") and \
+            accelerator.distributed_type != launch["distributed_type"]:
+        log.warning("hardware.accelerate_config=%s is %s but this run was launched as %s; launch "
+                    "with `accelerate launch --config_file %s run.py ...`",
+                    cfg.hardware.accelerate_config, launch["distributed_type"],
+                    accelerator.distributed_type, cfg.hardware.accelerate_config)
+    export_dir = Path(cfg.paths.models) / check_run_name(cfg.run_name)
     check_writable(export_dir.parent, "the export folder")
     folder = run_dir(cfg)
     lock = lock_run_folder(folder) if accelerator.is_main_process else None  # noqa: F841
 
     set_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
+    wrap = fsdp_layer_names(launch)
+    if wrap:  # the launched plugin is checked again in train(); this names the preset's file
+        layers_to_wrap(model, wrap, f"hardware.accelerate_config={cfg.hardware.accelerate_config}")
     resuming = cfg.task.resume and (cfg.task.resume_from or ckpt.latest_checkpoint(folder))
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
 
-    def export(mlm, step: int) -> Path:
+    def export(mlm, step: int, state_dict=None) -> Path:
         out = ckpt.export_model(mlm, tokenizer, export_dir, resolved,
                                 {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
-                                 "data": str(data_dir), "mask_id": tokenizer.mask_token_id})
+                                 "data": str(data_dir), "mask_id": tokenizer.mask_token_id},
+                                state_dict=state_dict)
         tracker.set_tags({"ldm.export": str(out)})
         log.info("exported step %d to %s", step, out)
         return out

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from ldm.errors import ConfigError, LdmError
 from ldm.evaluate import fixed_batches, heldout_nelbo
+from ldm.faults import kill_point
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
@@ -126,6 +129,81 @@ def validate(cfg: LoopConfig, processes: int) -> None:
         raise ConfigError(f"task.lr={cfg.lr} must be > 0")
 
 
+def check_world_size(configured: int, launched: int) -> None:
+    """Raise ConfigError unless the launcher started hardware.num_processes processes.
+
+    An error, not a warning: the global batch, the data each rank reads and the step count all
+    assume the configured layout, and `accelerate launch --cpu --num_processes N` (no MPI)
+    silently starts one process.
+    """
+    if configured != launched:
+        raise ConfigError(
+            f"hardware.num_processes={configured} but this run was launched as {launched} "
+            f"process(es); start it with `accelerate launch --num_processes {configured} run.py ...` "
+            f"(on CPU: `torchrun --nproc_per_node {configured} run.py ...`) or set "
+            f"hardware.num_processes={launched}")
+
+
+def layer_classes(model: torch.nn.Module) -> List[str]:
+    """Return the class names of the repeated blocks (items of a ModuleList) of `model`."""
+    return sorted({type(block).__name__ for blocks in model.modules()
+                   if isinstance(blocks, torch.nn.ModuleList) for block in blocks})
+
+
+def layers_to_wrap(model: torch.nn.Module, names: Sequence[str], source: str) -> List[str]:
+    """Return the FSDP layer classes in `names` that `model` has; ConfigError when it has none.
+
+    One FSDP config lists the layer classes of several families (BertLayer for BERT,
+    ModernBertEncoderLayer for ModernBERT); the ones this model lacks are dropped.
+    """
+    present = {type(module).__name__ for module in model.modules()}
+    found = [name for name in names if name in present]
+    if not found:
+        raise ConfigError(
+            f"fsdp_transformer_layer_cls_to_wrap={','.join(names)} ({source}) names no module class "
+            f"of {type(model).__name__}, so FSDP cannot wrap its layers; its layer classes: "
+            f"{', '.join(layer_classes(model)) or 'none'}")
+    return found
+
+
+def fit_sharding(accelerator, model: torch.nn.Module, cfg: LoopConfig) -> None:
+    """Point FSDP's layer wrapping and DeepSpeed's batch numbers at this model and config."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        names = plugin.transformer_cls_names_to_wrap or layer_classes(model)
+        plugin.transformer_cls_names_to_wrap = layers_to_wrap(model, names, "the launched FSDP config")
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # no dataloader is prepared, so DeepSpeed learns its micro-batch and clipping from us
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("gradient_accumulation_steps", "auto") not in ("auto", cfg.accumulation):
+            raise ConfigError(
+                f"the DeepSpeed config accumulates {ds['gradient_accumulation_steps']} micro-batches "
+                f"but hardware.gradient_accumulation_steps={cfg.accumulation}; remove "
+                "gradient_accumulation_steps from the accelerate config or make them agree")
+        for key, value in (("train_micro_batch_size_per_gpu", cfg.micro_batch_size),
+                           ("gradient_clipping", cfg.grad_clip)):
+            if ds.get(key, "auto") == "auto":
+                ds[key] = value
+
+
+def export_main(accelerator, wrapped, export: Callable[..., Path], step: int) -> None:
+    """Export the masked LM from the main process; FSDP shards are gathered by every process."""
+    from accelerate.utils import DistributedType
+
+    weights = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        full = accelerator.get_state_dict(wrapped)
+        weights = {k[len("mlm."):]: v for k, v in full.items() if k.startswith("mlm.")}
+    if accelerator.is_main_process:
+        mlm = unwrap(accelerator.unwrap_model(wrapped)).mlm
+        if weights is None:
+            export(mlm, step)
+        else:
+            export(mlm, step, state_dict=weights)
+
+
 def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopConfig, *,
           accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
           resume: bool = True, resume_from: Optional[str] = None,
@@ -146,7 +224,12 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.no_decay, cfg.betas, cfg.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    fit_sharding(accelerator, model, cfg)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    sharded = accelerator.distributed_type == "FSDP"
+    if sharded and on_eval is not None:
+        log.warning("FSDP: the evaluation hook (e.g. sampled answers) is skipped while training; "
+                    "run it on the export")
     # The scheduler is not handed to accelerate's checkpointing, which unpickles custom objects
     # with weights_only=False; its whole state is the number of optimizer steps taken, saved in
     # trainer_state.json (the optimizer's own state restores the current lr).
@@ -156,8 +239,15 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
         saved = ckpt.read_state(source)
+        kill_point("resume")
         try:
             accelerator.load_state(str(source))
+        except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            part = "model.safetensors" if isinstance(err, SafetensorError) else "optimizer.bin"
+            raise LdmError(f"checkpoint {source} cannot be read: {part} is damaged or holds more "
+                           f"than tensors ({reason}); resume from an earlier one with "
+                           "task.resume_from=<run>/checkpoints/step-N, or delete it") from err
         except (RuntimeError, KeyError, ValueError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
@@ -170,11 +260,19 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
         log.info("resumed from %s at step %d", source, start)
 
     view = train_data.with_format("numpy")
-    params = [p for p in wrapped.parameters() if p.requires_grad]
+    # all of them (frozen ones have no gradient): FSDP clips only when handed exactly these
+    params = list(wrapped.parameters())
     window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "time": time.perf_counter()}
     final: Dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
+    if start >= cfg.max_steps:
+        # Training had finished; the export after the last checkpoint may not have (a run killed
+        # while exporting), so evaluate and export the checkpoint's weights again.
+        final.update(evaluate(wrapped, eval_data, collate, cfg, device))
+        if accelerator.is_main_process:
+            tracker.log_metrics(final, step=start)
+        export_main(accelerator, wrapped, export, start)
     try:
         for step in range(start, cfg.max_steps):
             step_loss = torch.zeros((), device=device)
@@ -182,48 +280,62 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             tokens = 0
             for micro in range(cfg.accumulation):
                 batch = collate(view[plan.indices(step, micro, rank)], device)
-                gen = step_generator(cfg.seed, step, micro, rank, device)
+                # masks are keyed by the micro-batch's slot in the global batch, as its rows are,
+                # so P processes x A accumulation steps train exactly like 1 process x P*A
+                gen = step_generator(cfg.seed, step, micro * plan.processes + rank, 0, device)
                 with accelerator.accumulate(wrapped):
                     loss, stats = diffusion_step(
                         wrapped, batch["input_ids"], batch["maskable"], batch["attention_mask"],
                         cfg.schedule, cfg.time_sampling, cfg.eps, cfg.mask_id, cfg.normalizer,
                         generator=gen, sparse=cfg.sparse_logits)
+                    kill_point(f"forward:{step + 1}")
                     accelerator.backward(loss)
                 step_loss += loss.detach() / cfg.accumulation
                 step_masked += stats["masked_fraction"] / cfg.accumulation
                 mask = batch["attention_mask"]
                 tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            step_loss = accelerator.reduce(step_loss, "mean")
-            if not (math.isfinite(float(step_loss)) and math.isfinite(float(grad_norm))):
+            # one all-reduce per optimizer step for the figures: means of loss and masked
+            # fraction, and the tokens of every process (SFT rows differ in length)
+            figures = torch.stack([step_loss.double(), step_masked.double(),
+                                   torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+            figures = accelerator.reduce(figures, "sum")
+            step_loss, step_masked = (figures[:2] / accelerator.num_processes).unbind()
+            tokens = int(figures[2])
+            # DeepSpeed clips inside its engine and may report no norm
+            norm = float("nan") if grad_norm is None else float(grad_norm)
+            done = step + 1
+            if not (math.isfinite(float(step_loss)) and (grad_norm is None or math.isfinite(norm))):
                 if not cfg.skip_nonfinite:
                     last = ckpt.latest_checkpoint(run_dir)
                     raise LdmError(
-                        f"non-finite loss ({float(step_loss)}) or gradient norm at step {step + 1}; "
+                        f"non-finite loss ({float(step_loss)}) or gradient norm at step {done}; "
                         f"stopped. Resume point: {last or 'none (no checkpoint yet)'}. Lower task.lr "
                         "or check the data, or set task.skip_nonfinite=true to skip such steps"
                     )
+                # skipped: no update, but the step still counts, so its checkpoint/export happen
                 optimizer.zero_grad(set_to_none=True)
                 state["skipped_steps"] += 1
-                tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=step + 1)
-                continue
-            optimizer.step()
-            scheduler.step()
-            state["scheduler_steps"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            state["tokens_seen"] += tokens * accelerator.num_processes
-            window["loss"] += float(step_loss)
-            window["masked"] += float(step_masked)
-            window["steps"] += 1
-            window["tokens"] += tokens * accelerator.num_processes
-            done = step + 1
+                log.warning("non-finite loss or gradient norm at step %d: step skipped, weights "
+                            "unchanged (%d skipped so far)", done, state["skipped_steps"])
+                tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=done)
+            else:
+                optimizer.step()
+                scheduler.step()
+                state["scheduler_steps"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                state["tokens_seen"] += tokens
+                window["loss"] += float(step_loss)
+                window["masked"] += float(step_masked)
+                window["steps"] += 1
+                window["tokens"] += tokens
             bar.update(1)
-            if done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps:
+            if window["steps"] and (done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps):
                 elapsed = time.perf_counter() - window["time"]
                 metrics = {
                     "loss": window["loss"] / max(window["steps"], 1),
                     "masked_fraction": window["masked"] / max(window["steps"], 1),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
                     "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
                     "tokens_seen": state["tokens_seen"], "epoch": plan.epoch_of(done),
                 }
@@ -237,16 +349,17 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 evals = evaluate(wrapped, eval_data, collate, cfg, device)
                 if accelerator.is_main_process:
                     tracker.log_metrics(evals, step=done)
-                    if on_eval is not None:
+                    # sharded weights can only run a forward on every process together
+                    if on_eval is not None and not sharded:
                         with torch.no_grad():
                             on_eval(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
                 final.update(evals)
                 wrapped.train()
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
-            if accelerator.is_main_process and (
-                    (cfg.export_every and done % cfg.export_every == 0) or done == cfg.max_steps):
-                export(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
+            if (cfg.export_every and done % cfg.export_every == 0) or done == cfg.max_steps:
+                export_main(accelerator, wrapped, export, done)
+            kill_point(f"step:{done}")
             accelerator.wait_for_everyone()
     finally:
         bar.close()
