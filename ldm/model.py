@@ -207,7 +207,19 @@ def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin
             trust_remote_code=kwargs.get("trust_remote_code", False))
         set_dropout(config, dropout)
         kwargs["config"] = config
-    model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True, **kwargs)
+    except SafetensorError as err:
+        raise LdmError(f"{origin}: model.safetensors cannot be read ({err}); the file is damaged "
+                       "or incomplete: export or download it again") from err
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        raise LdmError(f"{origin} is not a masked LM ({str(err).splitlines()[0][:200]}); ldm "
+                       f"needs an encoder with an MLM head: {', '.join(sorted(_HEAD_TRANSFORMS))}"
+                       ) from err
     check_loading_info(info, missing_keys_ok, origin)
     return model
 

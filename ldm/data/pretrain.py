@@ -20,6 +20,7 @@ import numpy as np
 
 from ldm.data.store import atomic_folder, folder_bytes, write_manifest
 from ldm.errors import ConfigError, DataError
+from ldm.faults import kill_point
 from ldm.tokenizer import TRAIN_BPE, id_dtype, train_bpe
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def build_pretraining_data(
             for split, ids in zip(splits, arrays):
                 writers[split].write(packers[split].add(ids))
             bar.update(len(arrays))
+            kill_point(f"prepare.tokenize:{sum(p.documents for p in packers.values())}")
             bar.set_postfix(tokens=packers["train"].tokens + packers["test"].tokens, refresh=False)
         bar.close()
         for split in SPLITS:
@@ -289,4 +291,5 @@ def build_pretraining_data(
             "tokens_per_second": (stats["train"]["tokens"] + stats["test"]["tokens"]) / elapsed,
         }
         write_manifest(tmp, manifest)
+        kill_point("prepare.write")
     return manifest

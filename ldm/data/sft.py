@@ -27,6 +27,7 @@ import numpy as np
 from ldm.data.pretrain import ROWS_PER_SHARD, SPLITS, split_of
 from ldm.data.store import atomic_folder, folder_bytes, write_manifest
 from ldm.errors import ConfigError, DataError
+from ldm.faults import kill_point
 from ldm.tokenizer import (ANSWER_TURNS, CHAT_TOKENS, add_chat_template, check_messages,
                            encode_chat, id_dtype)
 
@@ -277,6 +278,7 @@ def build_sft_data(
                 st["padding_tokens"] += pad
                 st["stored_tokens"] += len(ids) + pad
             bar.update(len(examples))
+            kill_point(f"prepare.tokenize:{sum(st['examples'] for st in stats.values())}")
         bar.close()
         for split in SPLITS:
             writers[split].close()
@@ -307,6 +309,7 @@ def build_sft_data(
             "counts": counts, "splits": stats, "seconds": round(elapsed, 3),
         }
         write_manifest(tmp, manifest)
+        kill_point("prepare.write")
     log.info("SFT data: kept %d of %d conversations (%d truncated, %d dropped as longer than %d "
              "tokens, %d dropped with no answer token left, %d bad records skipped)",
              counts["kept"], counts["examples"], counts["truncated"], counts["dropped_overlong"],

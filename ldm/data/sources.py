@@ -106,6 +106,10 @@ def resolve_local_paths(patterns: Sequence[str]) -> List[Path]:
             )
         if path.suffix != ".parquet":
             check_utf8_prefix(path)
+    if all(path.stat().st_size == 0 for path in files):
+        names = ", ".join(str(p) for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise DataError(f"dataset.paths names only empty files ({names}); accepted: "
+                        f"{', '.join(LOCAL_SUFFIXES)} files holding at least one document")
     return [p.resolve() for p in files]
 
 
@@ -172,7 +176,13 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
 def _parquet_documents(path: Path, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path} is not a readable parquet file ({err}); accepted: .parquet "
+                        "files written by pyarrow/pandas, or .txt / .jsonl") from err
     if field not in pf.schema_arrow.names:
         raise DataError(f"{path} has no column {field!r} (dataset.text_field); "
                         f"columns: {', '.join(pf.schema_arrow.names)}")

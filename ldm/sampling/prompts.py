@@ -18,6 +18,18 @@ from ldm.tokenizer import check_messages, encode_chat
 
 MASK_SPAN = re.compile(r"\[MASK:(\d+)\]")
 PROMPT_SUFFIXES = (".txt", ".jsonl")
+# C0 and C1 control characters (terminal escapes, NUL, ...) except tab, newline, carriage return
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def check_prompt_text(text: str, where: str = "prompt") -> str:
+    """Return `text`; raise DataError if it holds a control character (tab and newlines are fine)."""
+    found = CONTROL_CHARACTER.search(text)
+    if found:
+        raise DataError(f"{where} has control character U+{ord(found.group()):04X} at character "
+                        f"{found.start()}; prompts are plain text: remove it (tab and newline "
+                        "are accepted)")
+    return text
 
 
 @dataclass
@@ -48,6 +60,8 @@ def read_prompts_file(path: Union[str, Path], allow_empty: bool = False) -> List
     for n, prompt in enumerate(prompts, 1):
         if not allow_empty and not prompt.text.strip():
             raise DataError(f"prompts_file={str(path)!r}: prompt {n} is empty")
+        for message in prompt.messages or [{"content": prompt.text}]:
+            check_prompt_text(message["content"], f"prompts_file={str(path)!r} prompt {n}")
     return prompts
 
 
@@ -113,6 +127,7 @@ class InfillTemplate:
 def parse_infill(text: str, where: Optional[str] = None) -> InfillTemplate:
     """Return the template of `text`; raise ConfigError if it has no [MASK:N] span with N >= 1."""
     what = f"infill={text!r}" if where is None else f"{where} ({text!r})"
+    check_prompt_text(text, what)
     parts = MASK_SPAN.split(text)
     pieces, spans = parts[0::2], [int(n) for n in parts[1::2]]
     if not spans:

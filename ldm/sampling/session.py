@@ -16,10 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ldm.sampling.infill import infill as infill_canvases
-from ldm.sampling.prompts import InfillTemplate, Prompt, chat_messages, infill_fills
+from ldm.sampling.prompts import (InfillTemplate, Prompt, chat_messages, check_prompt_text,
+                                  infill_fills)
 from ldm.sampling.render import GifRecorder, LiveView, clean_answer
 from ldm.sampling.sampler import LogitsFn, generate
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, DataError
 from ldm.tokenizer import chat_token_ids, encode_chat
 
 
@@ -216,6 +217,11 @@ def repl(session: Session, system: Optional[str] = None,
         if line.strip() == "/exit":
             break
         if not line.strip():
+            continue
+        try:
+            check_prompt_text(line, "that message")
+        except DataError as err:
+            print(err, file=sys.stderr, flush=True)
             continue
         messages.append({"role": "user", "content": line.strip()})
         answer = session.chat_turn(messages, turn)

@@ -17,6 +17,14 @@ TASKS = ("prepare", "pretrain", "sft", "sample", "chain", "evaluate")
 log = logging.getLogger("ldm")
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars an error left open, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def dispatch(cfg: DictConfig) -> float:
     """Run the configured task; a user error becomes one line on stderr and exit status 2."""
     name = cfg.task.name
@@ -29,6 +37,7 @@ def dispatch(cfg: DictConfig) -> float:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.debug("task failed", exc_info=True)
+        close_progress_bars()
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     return float(result) if result is not None else 0.0

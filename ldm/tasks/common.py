@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ldm import tracking
@@ -24,6 +26,17 @@ def tracking_target(cfg: DictConfig) -> Tuple[Optional[str], Optional[str], str]
         artifacts = tracking.local_artifact_uri(outputs)
     experiment = cfg.experiment_name or cfg.task.name
     return uri, artifacts, experiment
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=+@-]{0,199}$")
+
+
+def check_run_name(name) -> str:
+    """Return `name` if it is a plain folder name (it names the run folder and the export)."""
+    if not isinstance(name, str) or not RUN_NAME.match(name):
+        raise ConfigError(f"run_name={name!r} is not a plain folder name; use letters, digits and "
+                          ". _ - = + , @ (at most 200, no / and no leading dot)")
+    return name
 
 
 def hydra_output_dir() -> Optional[Path]:
@@ -56,13 +69,23 @@ def _sweep_parent_id() -> Optional[str]:
     return tracking.read_parent_run_id(hc.sweep.dir)
 
 
-def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracking.Tracker:
-    """Start the mlflow run for this task (params, tags, config artifacts) and return it."""
-    enabled = cfg.tracking.backend == "mlflow" and tracking.is_main_process()
+def check_tracking(cfg: DictConfig) -> None:
+    """Raise ConfigError for a tracking option that cannot work, before any expensive work."""
     if cfg.tracking.backend not in ("mlflow", "off"):
         raise ConfigError(
             f"tracking.backend={cfg.tracking.backend!r} is not known; use mlflow or off"
         )
+    # `uri: ???` in mlflow_server.yaml does not survive the merge onto the schema's None, so
+    # without this a forgotten uri would silently track into the local sqlite store
+    if cfg.tracking.name == "mlflow_server" and not cfg.tracking.uri:
+        raise ConfigError("tracking=mlflow_server needs tracking.uri=http://<host>:<port> (the "
+                          "server's address); or use tracking=mlflow_local or tracking=off")
+
+
+def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracking.Tracker:
+    """Start the mlflow run for this task (params, tags, config artifacts) and return it."""
+    check_tracking(cfg)
+    enabled = cfg.tracking.backend == "mlflow" and tracking.is_main_process()
     if not enabled:
         return tracking.Tracker(enabled=False)
     uri, artifacts, experiment = tracking_target(cfg)
@@ -88,17 +111,24 @@ def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracki
     return tracker
 
 
+_HELD_LOCKS: dict = {}
+
+
 def lock_run_folder(folder: Path):
     """Hold an exclusive lock on a run folder for this process's lifetime; refuse if held.
 
-    Returns the open lock file (keep a reference). The OS drops the lock when the process
-    ends, however it ends, so a killed run never blocks its own resumption.
+    Returns the open lock file (kept open until the process ends; asking again for a folder this
+    process holds returns it). The OS drops the lock when the process ends, however it ends, so
+    a killed run never blocks its own resumption.
     """
     import fcntl
     import os
 
     from ldm.errors import LdmError
 
+    key = str(Path(folder).resolve())
+    if key in _HELD_LOCKS:
+        return _HELD_LOCKS[key]
     handle = open(folder / ".lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,4 +142,37 @@ def lock_run_folder(folder: Path):
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
+    _HELD_LOCKS[key] = handle
     return handle
+
+
+class RunFolderLock(Callback):
+    """Hydra callback: lock the run folder before Hydra writes its config and log into it.
+
+    A second command with the same task and run_name stops here with one error line, before it
+    can overwrite the first one's `.hydra/` files or touch its checkpoints (multirun jobs have
+    folders of their own; only rank 0 of a launch takes the lock).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        import os
+
+        from ldm.errors import LdmError
+
+        if not tracking.is_main_process():
+            return
+        try:
+            check_run_name(config.run_name)
+            folder = Path(config.hydra.run.dir)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                lock_run_folder(folder)
+            except OSError as err:
+                raise LdmError(f"cannot create or lock the run folder {folder} ({err.strerror}); "
+                               "fix its permissions or set paths.outputs / LDM_OUTPUTS "
+                               "elsewhere") from err
+        except LdmError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)

@@ -77,6 +77,10 @@ def sample_mode(cfg: DictConfig) -> str:
             raise ConfigError(f"infill fills masks with sampler.rule='commit' and no guidance; got "
                               f"rule={cfg.sampler.rule!r}, cfg_scale={cfg.sampler.cfg_scale}")
         return "infill"
+    if cfg.prompt is not None:
+        from ldm.sampling.prompts import check_prompt_text
+
+        check_prompt_text(cfg.prompt)
     if cfg.prompt is not None and cfg.chat and not cfg.prompt.strip():
         raise ConfigError("prompt is empty; write a question, or use chat=false for "
                           "unconditional text")
@@ -100,8 +104,12 @@ def resolve_checkpoint(checkpoint: Optional[str]) -> Checkpoint:
             raise ConfigError(f"checkpoint={checkpoint!r} is not an export (no config.json in it); "
                               f"pass a folder from outputs/models/ or a hub id")
         info_file = folder / "ldm_export.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        config = json.loads((folder / "config.json").read_text())
+        try:
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            config = json.loads((folder / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"checkpoint={checkpoint!r} has a damaged config.json or "
+                              f"ldm_export.json ({err}); export it again") from err
         return Checkpoint(str(folder.resolve()), False, config, info.get("mask_id"))
     if not HUB_ID.match(checkpoint):
         raise ConfigError(f"checkpoint={checkpoint!r} does not exist; pass an export folder "

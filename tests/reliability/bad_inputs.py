@@ -1,0 +1,136 @@
+"""The bad-input table: one row per bad input, run as `python run.py ARGS` by test_bad_inputs.py.
+
+Every row must exit non-zero with one stderr line that holds every string of `expect` (the bad
+value and what would be accepted), print no Python traceback, and write nothing a later stage
+reads (no prepared data manifest, no export, no complete checkpoint). Hydra's own composition
+errors span a few lines: there the first string must be on one line, the others anywhere.
+
+Placeholders in args, filled in by the test:
+  {data}    the shared prepared-data root (paths.data=...) of the tiny text data set
+  {corpus}  the dataset.paths override of the tiny text corpus
+  {export}  a tiny pretraining export          {chat}  a tiny chat (SFT-like) export
+  {files}   a folder of bad files (see test_bad_inputs.BAD_FILES)
+  {bad}     a folder of damaged exports and checkpoints (see test_bad_inputs.damaged)
+  {ckpt}    a complete checkpoint of the tiny pretraining run (step 2)
+
+To add a case: append a row. `kind="ldm"` rows must fail with exactly one `error:` line (our own
+errors); `kind="hydra"` rows fail in Hydra's config composition, which prints its own message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+TINY = ("model=modernbert_tiny model.vocab_size=320 model.arch.hidden_size=32 "
+        "model.arch.num_hidden_layers=2 model.arch.num_attention_heads=2 "
+        "model.arch.intermediate_size=64 model.max_positions=128 context=ctx64").split()
+PRETRAIN = ["task=pretrain", *TINY, "dataset=local_text", "{corpus}", "paths.data={data}",
+            "task.max_steps=2", "task.global_batch_size=4", "hardware.micro_batch_size=2",
+            "hardware.gradient_accumulation_steps=2", "tracking=off"]
+PREPARE_TEXT = ["task=prepare", *TINY, "dataset=local_text", "tracking=off"]
+PREPARE_CHAT = ["task=prepare", *TINY, "dataset=local_chat", "init_from={export}", "tracking=off"]
+SAMPLE = ["task=sample", "checkpoint={chat}", "sampler.max_new_tokens=8", "sampler.steps=8",
+          "sampler.block_length=8", "tracking=off"]
+LONG_PROMPT = "prompt='" + " ".join(["the king spoke to the queen"] * 40) + "'"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: run.py arguments and what its one error line must say."""
+
+    id: str
+    args: Tuple[str, ...]
+    expect: Tuple[str, ...]
+    kind: str = "ldm"  # ldm | hydra
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def case(id: str, args: List[str], *expect: str, kind: str = "ldm") -> Case:
+    return Case(id, tuple(args), tuple(expect), kind)
+
+
+CASES = [
+    # --- config values and overrides --------------------------------------------------------
+    case("max_steps_zero", [*PRETRAIN, "task.max_steps=0"], "task.max_steps=0", ">= 1"),
+    case("negative_lr", [*PRETRAIN, "task.lr=-1"], "task.lr=-1", "> 0"),
+    case("unknown_lr_schedule", [*PRETRAIN, "task.lr_schedule=step"], "'step'", "cosine"),
+    case("unknown_precision", [*PRETRAIN, "hardware.mixed_precision=fp8"], "'fp8'", "bf16"),
+    case("unknown_dtype", [*PRETRAIN, "model.dtype=float8"], "'float8'", "bfloat16"),
+    case("unknown_attention", [*PRETRAIN, "model.attn_implementation=flash"], "'flash'", "sdpa"),
+    case("batch_layout_mismatch", [*PRETRAIN, "task.global_batch_size=6"],
+         "task.global_batch_size=6", "hardware.micro_batch_size=2"),
+    case("context_beyond_positions", [*PRETRAIN, "model.max_positions=32"],
+         "context.length=64", "max_positions=32"),
+    case("run_name_escapes_outputs", [*PRETRAIN, "run_name=../escape"], "run_name='../escape'",
+         "letters"),
+    case("server_tracking_without_uri",
+         [a for a in PRETRAIN if a != "tracking=off"] + ["tracking=mlflow_server"], "tracking.uri",
+         "http://"),
+    case("typo_in_key", [*PRETRAIN, "task.max_stepz=3"], "max_stepz", kind="hydra"),
+    case("wrong_type", [*PRETRAIN, "task.max_steps=many"], "'many'", "Integer", kind="hydra"),
+    case("unknown_option", [*PRETRAIN, "model=bertish"], "model/bertish", "minilm", kind="hydra"),
+    case("unknown_task", ["task=finetune"], "task/finetune", "pretrain", kind="hydra"),
+    # --- data files --------------------------------------------------------------------------
+    case("truncated_jsonl", [*PREPARE_CHAT, "dataset.paths=[{files}/truncated.jsonl]"],
+         "truncated.jsonl:3", "not valid JSON"),
+    case("wrong_chat_schema", [*PREPARE_CHAT, "dataset.paths=[{files}/wrong_schema.jsonl]"],
+         "wrong_schema.jsonl", "none of the chat schemas"),
+    case("unknown_chat_role", [*PREPARE_CHAT, "dataset.paths=[{files}/bad_role.jsonl]"],
+         "bad_role.jsonl:1", "robot"),
+    case("chat_content_not_text", [*PREPARE_CHAT, "dataset.paths=[{files}/content_number.jsonl]"],
+         "content_number.jsonl:1", "int"),
+    case("empty_chat_file", [*PREPARE_CHAT, "dataset.paths=[{files}/empty.jsonl]"],
+         "empty.jsonl"),
+    case("huge_single_line", [*PREPARE_CHAT, "dataset.paths=[{files}/huge_line.jsonl]"],
+         "longer than the context of 64 tokens", "overlong=truncate"),
+    case("binary_text_file", [*PREPARE_TEXT, "dataset.paths=[{files}/binary.txt]"],
+         "binary.txt", "UTF-8"),
+    case("empty_text_file", [*PREPARE_TEXT, "dataset.paths=[{files}/empty.txt]"], "empty"),
+    case("text_field_not_text", [*PREPARE_TEXT, "dataset.paths=[{files}/text_number.jsonl]"],
+         "text_number.jsonl:1", "'text'"),
+    case("jsonl_lines_not_objects", [*PREPARE_TEXT, "dataset.paths=[{files}/arrays.jsonl]"],
+         "arrays.jsonl:1", "'text'"),
+    case("parquet_that_is_not", [*PREPARE_TEXT, "dataset.paths=[{files}/fake.parquet]"],
+         "fake.parquet", "parquet"),
+    case("unsupported_suffix", [*PREPARE_TEXT, "dataset.paths=[{files}/table.csv]"],
+         "table.csv", ".jsonl"),
+    # --- prompts -----------------------------------------------------------------------------
+    case("empty_prompt", [*SAMPLE, "prompt=''"], "prompt is empty"),
+    case("prompt_longer_than_model", [*SAMPLE, LONG_PROMPT], "max_position_embeddings=128"),
+    case("control_characters_in_prompt", [*SAMPLE, "prompt='hello\x1b[2Jworld'"],
+         "control character", "U+001B"),
+    case("nul_in_prompts_file", [*SAMPLE, "prompts_file={files}/nul_prompt.txt"],
+         "control character", "U+0000"),
+    case("missing_prompts_file", [*SAMPLE, "prompts_file={files}/absent.txt"], "absent.txt",
+         ".jsonl"),
+    case("prompts_file_bad_json", [*SAMPLE, "prompts_file={files}/prompts_bad.jsonl"],
+         "line 2", "not JSON"),
+    case("infill_without_span", [*SAMPLE, "infill='no span here'"], "[MASK:N]"),
+    case("sampler_zero_steps", [*SAMPLE, "prompt=hi", "sampler.steps=0"], "steps"),
+    # --- checkpoints and exports ---------------------------------------------------------------
+    case("checkpoint_missing", [*SAMPLE, "prompt=hi", "checkpoint={bad}/absent"], "absent",
+         "outputs/models"),
+    case("checkpoint_without_tokenizer", [*SAMPLE, "prompt=hi", "checkpoint={bad}/no_tokenizer"],
+         "no_tokenizer", "tokenizer"),
+    case("checkpoint_truncated_safetensors",
+         [*SAMPLE, "prompt=hi", "checkpoint={bad}/truncated_chat"],
+         "truncated_chat", "model.safetensors"),
+    case("checkpoint_wrong_architecture", [*SAMPLE, "prompt=hi", "checkpoint={bad}/causal_lm"],
+         "causal_lm", "masked"),
+    case("checkpoint_corrupt_config", [*SAMPLE, "prompt=hi", "checkpoint={bad}/bad_config"],
+         "bad_config", "config.json"),
+    case("init_from_incompatible_version", [*PRETRAIN, "init_from={bad}/future_versions"],
+         "future_versions", "transformers 99.0.0"),
+    case("init_from_truncated_safetensors", [*PRETRAIN, "init_from={bad}/truncated_weights"],
+         "truncated_weights", "model.safetensors"),
+    case("resume_from_missing", [*PRETRAIN, "task.resume_from={bad}/absent"], "absent",
+         "step-"),
+    case("resume_truncated_safetensors", [*PRETRAIN, "task.resume_from={bad}/ckpt_truncated"],
+         "ckpt_truncated", "model.safetensors"),
+    case("resume_pickled_code_in_optimizer", [*PRETRAIN, "task.resume_from={bad}/ckpt_pickle"],
+         "ckpt_pickle", "optimizer.bin"),
+    case("resume_other_architecture",
+         [*PRETRAIN, "model.arch.hidden_size=48", "task.resume_from={ckpt}"],
+         "step-0000002", "architecture"),
+]
