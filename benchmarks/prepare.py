@@ -105,7 +105,7 @@ def main() -> None:
                   f"{r['peak_mib']:>10.0f}")
 
         # worker scaling on 4x the corpus, so process start-up does not dominate
-        print(f"\nworker scaling, packed, 4x corpus:")
+        print("\nworker scaling, packed, 4x corpus:")
         print(f"{'workers':>8}{'tok/s':>12}{'tok/s/worker':>14}")
         for workers in args.workers:
             r = measure(four_x, work / "out", "packed", args.context, workers)

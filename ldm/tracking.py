@@ -6,6 +6,7 @@ A `Tracker` is one mlflow run for one task invocation. It talks to mlflow throug
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -82,6 +83,29 @@ def git_tags(repo: str | Path) -> Dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def sqlite_lock(uri: Optional[str]):
+    """Hold an exclusive file lock next to a sqlite store (no-op for other URIs).
+
+    Parallel sweep jobs on a fresh `mlflow.db` race to create its tables and the experiment; one
+    of them then fails with "database is locked" or a duplicate experiment. Holding this lock
+    while a run is opened serialises that part; later writes retry through `Tracker._send`.
+    """
+    if not (uri and uri.startswith("sqlite:///")):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(db) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """One mlflow run (or nothing, when disabled). Use as a context manager."""
 
@@ -115,8 +139,9 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
-            self._start(uri, artifact_location, experiment, run_name, parent_run_id,
-                        resume_run_id, tags or {})
+            with sqlite_lock(uri):
+                self._start(uri, artifact_location, experiment, run_name, parent_run_id,
+                            resume_run_id, tags or {})
         except Exception as err:  # noqa: BLE001 - any failure to reach the store lands here
             if required:
                 raise LdmError(

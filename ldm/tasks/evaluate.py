@@ -22,34 +22,19 @@ import json
 import logging
 import math
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, DataError, LdmError
+from ldm.tasks.checkpoints import resolve_checkpoint
 
 log = logging.getLogger("ldm")
 
 DEVICES = ("auto", "cpu", "cuda")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # what a fast tokenizer is built from
 RESULTS = Path("eval") / "results.jsonl"
 METRICS = Path("eval") / "metrics.json"
-
-
-@dataclass
-class Checkpoint:
-    """An export folder or hub id, with what its config says about it."""
-
-    where: str
-    hub: bool
-    mask_id: Optional[int]
-    max_positions: Optional[int]
 
 
 def validate(cfg: DictConfig) -> Dict[str, Any]:
@@ -73,51 +58,6 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
     validate_sampler_args(prompt_length=0, **{k: v for k, v in settings.items()
                                               if k != "early_stop"})
     return settings
-
-
-def resolve_checkpoint(checkpoint: Optional[str]) -> Checkpoint:
-    """Return the checkpoint: a complete export folder, else a hub id that can be reached."""
-    from ldm.train.checkpoint import EXPORT_INFO
-
-    if not checkpoint:
-        raise ConfigError("task=evaluate needs checkpoint=<export dir or hub id>; task=pretrain "
-                          "and task=sft write exports to outputs/models/<run_name>")
-    folder = Path(checkpoint).expanduser()
-    if folder.is_dir():
-        lacking = [what for what, names in (("config.json", ("config.json",)),
-                                            ("model weights (model.safetensors)", WEIGHT_FILES),
-                                            ("tokenizer (tokenizer.json)", TOKENIZER_FILES))
-                   if not any((folder / n).is_file() for n in names)]
-        if lacking:
-            raise ConfigError(f"checkpoint={checkpoint!r} is not an export: it has no "
-                              f"{', no '.join(lacking)}; pass a folder from outputs/models/ or a "
-                              "hub id")
-        try:
-            config = json.loads((folder / "config.json").read_text())
-            info_file = folder / EXPORT_INFO
-            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"checkpoint={checkpoint!r}: unreadable json ({err})") from err
-        return Checkpoint(str(folder.resolve()), False, info.get("mask_id"),
-                          config.get("max_position_embeddings"))
-    if folder.exists() or not HUB_ID.match(checkpoint):
-        raise ConfigError(f"checkpoint={checkpoint!r} is neither an export folder nor a hub id; "
-                          "pass a folder from outputs/models/ or a hub id")
-    from transformers import AutoConfig
-
-    from ldm.hub import require_hub
-
-    try:
-        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    except (OSError, ValueError):
-        require_hub(f"checkpoint={checkpoint!r} (not a local folder, so a hub id)",
-                    "an export folder from outputs/models/")
-        try:
-            config = AutoConfig.from_pretrained(checkpoint)
-        except (OSError, ValueError) as err:
-            raise LdmError(f"checkpoint={checkpoint!r} is neither a local folder nor a model on "
-                           f"the hub: {str(err).splitlines()[0]}") from err
-    return Checkpoint(checkpoint, True, None, getattr(config, "max_position_embeddings", None))
 
 
 def check_data_vocabulary(ckpt_tok, data_tok, checkpoint: str, data_dir: Path,
@@ -192,7 +132,7 @@ def run(cfg: DictConfig) -> float:
     from ldm.train.data import chat_collate, packed_collate
 
     settings = validate(cfg)
-    ckpt = resolve_checkpoint(cfg.checkpoint)
+    ckpt = resolve_checkpoint(cfg.checkpoint, "evaluate")
     kind = cfg.dataset.kind
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")

@@ -7,36 +7,18 @@ prompt is given. Every sample goes to <run dir>/samples.jsonl and to mlflow.
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.tasks.checkpoints import Checkpoint, resolve_checkpoint
 
 RENDERS = ("none", "live", "gif")
 DEVICES = ("auto", "cpu", "cuda")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k",
                   "top_p", "cfg_scale", "threshold", "early_stop", "rule")
-
-
-@dataclass
-class Checkpoint:
-    """Where the model is (export folder or hub id), its config.json, and its mask id."""
-
-    where: str
-    hub: bool
-    config: Dict[str, Any]
-    mask_id: Optional[int] = None
-
-    @property
-    def max_positions(self) -> Optional[int]:
-        """Return the model's position limit from config.json (None if it has none)."""
-        return self.config.get("max_position_embeddings")
 
 
 def sampler_args(cfg: DictConfig) -> Dict[str, Any]:
@@ -91,44 +73,6 @@ def sample_mode(cfg: DictConfig) -> str:
                               "unconditional text")
         return "unconditional"
     return "prompts"
-
-
-def resolve_checkpoint(checkpoint: Optional[str]) -> Checkpoint:
-    """Return the checkpoint: an export folder with config.json, else a reachable hub id."""
-    if not checkpoint:
-        raise ConfigError("task=sample needs checkpoint=<export dir or hub id>; exports are "
-                          "written to outputs/models/<run_name> by task=pretrain and task=sft")
-    folder = Path(checkpoint).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"checkpoint={checkpoint!r} is not an export (no config.json in it); "
-                              f"pass a folder from outputs/models/ or a hub id")
-        info_file = folder / "ldm_export.json"
-        try:
-            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-            config = json.loads((folder / "config.json").read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError(f"checkpoint={checkpoint!r} has a damaged config.json or "
-                              f"ldm_export.json ({err}); export it again") from err
-        return Checkpoint(str(folder.resolve()), False, config, info.get("mask_id"))
-    if not HUB_ID.match(checkpoint):
-        raise ConfigError(f"checkpoint={checkpoint!r} does not exist; pass an export folder "
-                          f"(outputs/models/<run_name>) or a hub id")
-    from transformers import AutoConfig
-
-    from ldm.hub import require_hub
-
-    try:
-        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    except (OSError, ValueError):
-        require_hub(f"checkpoint={checkpoint!r} (not a local folder, so a hub id)",
-                    "an export folder from outputs/models/")
-        try:
-            config = AutoConfig.from_pretrained(checkpoint)
-        except (OSError, ValueError) as err:
-            raise LdmError(f"checkpoint={checkpoint!r} is neither a local folder nor a model on "
-                           f"the hub: {str(err).splitlines()[0]}") from err
-    return Checkpoint(checkpoint, True, config.to_dict())
 
 
 def pick_device(name: str):
@@ -198,7 +142,7 @@ def run(cfg: DictConfig) -> float:
         prompts = [Prompt(cfg.prompt)]
     elif mode == "unconditional":
         prompts = [Prompt("") for _ in range(cfg.task.batch_size)]
-    ckpt = resolve_checkpoint(cfg.checkpoint)
+    ckpt = resolve_checkpoint(cfg.checkpoint, "sample")
     tok = load_tokenizer(ckpt.where)
     mask_id = ckpt.mask_id if ckpt.mask_id is not None else tok.mask_token_id
     chat = cfg.chat and mode in ("prompts", "interactive")
