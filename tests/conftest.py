@@ -66,3 +66,14 @@ def run_cli(args, outputs: Path, timeout: int = 300, env_extra=None):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def prepare_tiny_text(root: Path, tiny_overrides) -> tuple:
+    """Prepare a small generated corpus for a tiny model; return (outputs, dataset.paths override)."""
+    corpus = write_corpus(root / "corpus", n_docs=16, words=300)
+    paths = f"dataset.paths=[{corpus}/*.txt]"
+    outputs = root / "outputs"
+    proc = run_cli(["task=prepare", *tiny_overrides, paths, "dataset.test_split_pct=0.25",
+                    "tracking=off"], outputs)
+    assert proc.returncode == 0, proc.stderr
+    return outputs, paths

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, write_corpus
+from conftest import REPO, prepare_tiny_text, run_cli
 from ldm.tracking import find_runs, local_store_uri
 from ldm.train.data import BatchPlan
 
@@ -88,13 +88,7 @@ def _history(outputs: Path, run_name: str, metric: str = "loss") -> list:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Outputs folder with tiny prepared data, and the dataset.paths override that names it."""
-    root = tmp_path_factory.mktemp("distributed")
-    corpus = write_corpus(root / "corpus", n_docs=16, words=300)
-    paths = f"dataset.paths=[{corpus}/*.txt]"
-    outputs = root / "outputs"
-    proc = run_cli(["task=prepare", *TINY, paths, "dataset.test_split_pct=0.25", "tracking=off"], outputs)
-    assert proc.returncode == 0, proc.stderr
-    return outputs, paths
+    return prepare_tiny_text(tmp_path_factory.mktemp("distributed"), TINY)
 
 
 @pytest.fixture(scope="module")

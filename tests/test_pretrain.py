@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, write_corpus
+from conftest import REPO, prepare_tiny_text, run_cli
 from ldm.tracking import find_runs, local_store_uri
 
 TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=32",
@@ -28,13 +28,7 @@ TRAIN = ["task=pretrain", *TINY, "task.global_batch_size=4", "hardware.micro_bat
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Outputs folder with tiny prepared data, and the dataset.paths override that names it."""
-    root = tmp_path_factory.mktemp("pretrain")
-    corpus = write_corpus(root / "corpus", n_docs=16, words=300)
-    paths = f"dataset.paths=[{corpus}/*.txt]"
-    outputs = root / "outputs"
-    proc = run_cli(["task=prepare", *TINY, paths, "dataset.test_split_pct=0.25", "tracking=off"], outputs)
-    assert proc.returncode == 0, proc.stderr
-    return outputs, paths
+    return prepare_tiny_text(tmp_path_factory.mktemp("pretrain"), TINY)
 
 
 def _weights(outputs: Path, run_name: str) -> dict:

@@ -16,13 +16,12 @@ A line that is not JSON at all (e.g. truncated) is always an error.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
-from ldm.data.sources import describe_files, resolve_local_paths
+from ldm.data.sources import describe_files, jsonl_records, resolve_local_paths
 from ldm.errors import ConfigError, DataError
 from ldm.hub import require_hub
 
@@ -165,14 +164,7 @@ def _jsonl_conversations(name: str, open_text: Callable[[], TextIO], source: Con
                          skip_bad_records: bool) -> Iterator[Conversation]:
     schema = None
     with open_text() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{name}:{lineno} is not valid JSON ({err.msg}); "
-                                "a truncated or broken line?") from err
+        for lineno, record in jsonl_records(name, fh):
             if schema is None:
                 schema = detect_schema(record)
                 if schema is None:

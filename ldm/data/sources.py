@@ -18,7 +18,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from ldm.errors import ConfigError, DataError
 from ldm.hub import require_hub
@@ -159,15 +159,21 @@ def _txt_documents(path: Path, unit: str) -> Iterator[str]:
             raise DataError(f"{path} is not UTF-8 text: {err.reason}") from err
 
 
+def jsonl_records(name: str, lines: Iterable[str]) -> Iterator[tuple]:
+    """Yield (line number, parsed record) for the non-blank lines of a JSONL stream."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{name}:{lineno} is not valid JSON ({err.msg}); "
+                            "a truncated or broken line?") from err
+
+
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
+        for lineno, record in jsonl_records(str(path), fh):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(f"{path}:{lineno} has no string field {field!r} (dataset.text_field)")
             yield record[field]
