@@ -117,6 +117,15 @@ class EvaluateTaskConfig(TaskConfig):
 
 
 @dataclass
+class CompareTaskConfig(TaskConfig):
+    """The child runs of one sweep (compare_run=) as a table, best first, and a plot."""
+
+    name: str = "compare"
+    metric: Optional[str] = None  # null = each child's headline metric (tag), eval_nelbo for training
+    direction: str = "auto"  # auto | lower | higher : which way is better
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # hub | package | config
@@ -247,11 +256,12 @@ class LdmConfig:
     infill: Optional[str] = None  # text with [MASK:N] spans to fill, or a file of such lines
     render: str = "none"  # none | live | gif
     out: Optional[str] = None  # GIF path for render=gif
+    compare_run: Optional[str] = None  # task=compare: a sweep's parent run id, name or folder
 
 
 TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
                 "sample": SampleTaskConfig, "chain": ChainTaskConfig,
-                "evaluate": EvaluateTaskConfig}
+                "evaluate": EvaluateTaskConfig, "compare": CompareTaskConfig}
 
 _GROUP_SCHEMAS = {
     "model": ModelConfig,

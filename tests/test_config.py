@@ -29,7 +29,7 @@ def test_every_group_named_in_the_design_exists():
 def test_every_option_of_every_group_composes_and_resolves(group, option, tmp_path):
     cfg = compose_config([f"{group}={option}"], outputs=tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    if group == "experiment":
+    if group in ("experiment", "sweep"):  # # @package _global_ presets
         assert resolved["run_name"], "an experiment preset must give its runs a name"
     else:
         assert resolved[group]["name"] == option
