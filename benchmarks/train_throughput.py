@@ -5,9 +5,10 @@
 
 Ours: `ldm.train.objective.diffusion_step` on a `SparseMaskedLM` (logits only at masked
 positions), the loop's AdamW. Original recipe: dense logits at every position in fp32, the
-masked cross-entropy weighted by 1/t and divided by the batch's tokens, the same AdamW. Both get
+masked cross-entropy weighted by 1/t and divided by the batch's tokens, plain AdamW. Both get
 the same model weights, batch and masks. Peak memory of each variant is measured in a fresh
-process. "MFU" divides the FLOPs a step must do (6 x parameters x tokens for the encoder,
+process: on CPU the resident set while stepping ("step MiB" is what stepping adds to the loaded
+model and optimizer), on GPU torch's peak allocation. "MFU" divides the FLOPs a step must do (6 x parameters x tokens for the encoder,
 12 x layers x hidden x length^2 for attention, and the MLM head at the positions it is applied
 to) by the step time and by this machine's measured matmul FLOP/s (or the card's peak).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -138,12 +138,32 @@ def run_variant_only(shape: str, variant: str, steps: int, device: str, bf16: bo
     autocast = autocast_for(device, bf16 and variant == "ours")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            VARIANTS[variant](model, opt, ids, gen, autocast)
+        sync(device)
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    # CPU: the process's peak resident memory while stepping, sampled every 2 ms (ru_maxrss
+    # would be set by model loading and hide the step's own peak)
+    import threading
+
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    VARIANTS[variant](model, opt, ids, gen, autocast)  # optimizer state exists from here on
+    base = proc.memory_info().rss
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
     for _ in range(steps):
         VARIANTS[variant](model, opt, ids, gen, autocast)
-    sync(device)
-    if device == "cuda":
-        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    done.set()
+    thread.join()
+    return {"peak_mib": peak[0] / 2**20, "step_mib": (peak[0] - base) / 2**20}
 
 
 def autocast_for(device: str, bf16: bool):
@@ -214,15 +234,18 @@ def main() -> None:
             if args.gpu:
                 cmd.append("--gpu")
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            memory[variant] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"] if proc.returncode == 0 else float("nan")
+            figures = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+            memory[variant] = (figures.get("peak_mib", float("nan")), figures.get("step_mib", float("nan")))
         _, _, _, _, _, context, batch = SHAPES[shape]
         print(f"\n{shape}: batch {batch} x {context} tokens, {'bf16' if bf16 else 'fp32'} (ours), "
               f"fp32 (original), {args.steps} timed steps each, alternating")
-        print(f"{'variant':<10}{'tokens/s':>11}{'s/step':>9}{'GFLOP/s':>10}{'MFU':>8}{'peak MiB':>10}")
+        print(f"{'variant':<10}{'tokens/s':>11}{'s/step':>9}{'GFLOP/s':>10}{'MFU':>8}"
+              f"{'peak MiB':>10}{'step MiB':>10}")
         for variant, r in result.items():
             mfu = r["flops_per_second"] / peak if peak else float("nan")
             print(f"{variant:<10}{r['tokens_per_second']:>11,.0f}{r['seconds_per_step']:>9.3f}"
-                  f"{r['flops_per_second'] / 1e9:>10.1f}{mfu:>8.1%}{memory[variant]:>10,.0f}")
+                  f"{r['flops_per_second'] / 1e9:>10.1f}{mfu:>8.1%}{memory[variant][0]:>10,.0f}"
+                  f"{memory[variant][1]:>10,.0f}")
         speedup = result["ours"]["tokens_per_second"] / result["original"]["tokens_per_second"]
         print(f"speed-up ours / original: {speedup:.2f}x")
         if shape == "minilm" and not args.gpu:
