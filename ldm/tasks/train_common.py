@@ -150,8 +150,6 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
     batch collate; `on_eval_for(tokenizer, test_split)` returns an optional evaluation hook.
     """
-    from accelerate.utils import set_seed
-
     from ldm.data.store import load_prepared
     from ldm.errors import DataError
     from ldm.tasks.common import (check_run_name, check_tracking, lock_run_folder, open_tracker,
@@ -159,7 +157,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
     from ldm.train import checkpoint as ckpt
-    from ldm.train.loop import check_world_size, layers_to_wrap, make_accelerator, train, validate
+    from ldm.train.loop import (check_world_size, layers_to_wrap, make_accelerator, seed_everything,
+                                train, validate)
 
     check_tracking(cfg)
     if cfg.dataset.kind != kind:
@@ -193,7 +192,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     folder = run_dir(cfg)
     lock = lock_run_folder(folder) if accelerator.is_main_process else None  # noqa: F841
 
-    set_seed(cfg.seed)
+    seed_everything(cfg.seed)
     model = build_model(cfg, tokenizer)
     wrap = fsdp_layer_names(launch)
     if wrap:  # the launched plugin is checked again in train(); this names the preset's file

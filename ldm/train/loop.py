@@ -108,6 +108,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device) so model initialisation is reproducible."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
 def make_accelerator(cfg: LoopConfig):
     """Return the Accelerator for this run (device, mixed precision, accumulation)."""
     from accelerate import Accelerator
