@@ -67,14 +67,14 @@ def settings(max_new: int) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--arch", choices=sorted(ARCHES), default="bert")
+    parser.add_argument("--arch", choices=sorted(ARCHES), default="modernbert")
     parser.add_argument("--examples", type=int, default=6000)
     parser.add_argument("--eval-examples", type=int, default=300)
-    parser.add_argument("--tasks", default="[copy,reverse,sort,max,add,count]")
-    parser.add_argument("--max-new", type=int, default=16)
+    parser.add_argument("--tasks", default="[copy,reverse,sort,max,add]")
+    parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--outputs", default=str(REPO / "outputs" / "benchmarks" / "sampling_speed"))
     args = parser.parse_args()
     outputs = Path(args.outputs)
@@ -120,13 +120,13 @@ def main() -> None:
     by = dict(results)
     original, llada, fast = by["original (1 step/token)"], by["llada"], by["fast"]
     fewer = original["mean_nfe"] / fast["mean_nfe"]
-    gap = abs(fast["exact_match"] - llada["exact_match"])
+    gap = llada["exact_match"] - fast["exact_match"]  # how much accuracy fast gives up
     learned = [t for t in types if llada.get(f"exact_match.{t}", 0) >= 0.8]
     checks = [
         (f"llada >= 80% exact match on >= 2 task types ({', '.join(learned) or 'none'})",
          len(learned) >= 2),
         (f"fast needs >= 5x fewer model calls than original: {fewer:.1f}x", fewer >= 5),
-        (f"fast within 1 point of llada: {gap * 100:.1f} points", gap <= 0.01),
+        (f"fast loses at most 1 point vs llada: {-gap * 100:+.1f} points", gap <= 0.01),
     ]
     print()
     for text, ok in checks:
