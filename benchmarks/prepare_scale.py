@@ -4,7 +4,7 @@
 
 Generates a corpus of `--mb` MB of English-like text (documents of 2-40 KB in 64 .txt files,
 paragraphs drawn from the Shakespeare plays with a seeded shuffle of words, so the tokenizer sees
-realistic text), then runs `task=prepare dataset=local_text model=minilm context=ctx1024` as
+realistic text), then runs `task=prepare dataset=local_text model=minilm context=ctx512` as
 ordinary run.py processes: tokens/s at each worker count, peak memory (the whole process tree)
 at `--small-mb` and `--mb`, and the shards written. It ends with an extrapolation of the time
 to prepare 40B tokens at 24 workers, stating its assumption.
@@ -58,7 +58,7 @@ def run_prepare(corpus: Path, outputs: Path, workers: int) -> dict:
     env = dict(os.environ, LDM_OUTPUTS=str(outputs))
     args = [sys.executable, str(REPO / "run.py"), "task=prepare", "dataset=local_text",
             f"dataset.paths=[{corpus}/*.txt]", "dataset.txt_unit=paragraph", "model=minilm",
-            "context=ctx1024", f"task.num_workers={workers}", "task.batch_size=64",
+            "context=ctx512", f"task.num_workers={workers}", "task.batch_size=64",
             "task.force=true", "tracking=off"]
     started = time.perf_counter()
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -82,7 +82,7 @@ def run_prepare(corpus: Path, outputs: Path, workers: int) -> dict:
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{err[-3000:]}")
-    final = outputs / "data" / "local_text" / "minilm-wordpiece" / "ctx1024"
+    final = outputs / "data" / "local_text" / "minilm-wordpiece" / "ctx512"
     manifest = json.loads((final / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     shards = len(list((final / "train").glob("shard-*.arrow")))
@@ -102,7 +102,7 @@ def main() -> None:
         small, big = work / "small", work / "big"
         print(f"corpus: {make_corpus(small, args.small_mb) / 1e6:.0f} MB and "
               f"{make_corpus(big, args.mb, seed=1) / 1e6:.0f} MB of text (64 files, paragraphs "
-              "as documents); tokenizer minilm; context 1024", flush=True)
+              "as documents); tokenizer minilm; context 512", flush=True)
         rows = {}
         for workers in args.workers:
             rows[workers] = run_prepare(big, work / "out", workers)
