@@ -157,8 +157,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
     from ldm.train import checkpoint as ckpt
-    from ldm.train.loop import (check_world_size, layers_to_wrap, make_accelerator, seed_everything,
-                                train, validate)
+    from ldm.train.distributed import check_world_size, layers_to_wrap
+    from ldm.train.loop import make_accelerator, seed_everything, train, validate
 
     check_tracking(cfg)
     if cfg.dataset.kind != kind:
