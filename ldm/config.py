@@ -84,6 +84,8 @@ class TrainTaskConfig(TaskConfig):
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
     sparse_logits: bool = True  # logits only at masked positions
     eval_samples: int = 4  # sft: held-out prompts answered with the sampler at each evaluation
+    epochs: Optional[float] = None  # passes over the train split; sets max_steps from its size
+    warmup_ratio: Optional[float] = None  # warmup as a fraction of max_steps; sets warmup_steps
 
 
 @dataclass
@@ -178,6 +180,10 @@ class DatasetConfig:
     # source: mix -- chat components concatenated in order, each a dict of the fields above
     # (source, paths, hub, max_documents, task_types, difficulty, skip_bad_records)
     mix: List[Dict[str, Any]] = field(default_factory=list)
+    # weighted mixture (ldm/data/mixture.py): [{source, weight, path, name, split, paths, ...}];
+    # when non-empty it is the data (source/hub/paths above are not read); seeded by split_seed
+    mixture: List[Dict[str, Any]] = field(default_factory=list)
+    mixture_stop: str = "first_exhausted"  # first_exhausted | all_used
 
 
 @dataclass

@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 
 from ldm.data.sources import describe_files, jsonl_records, resolve_local_paths
 from ldm.errors import ConfigError, DataError
-from ldm.hub import require_hub
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +230,16 @@ def construction_faq(skip_bad_records: bool = False) -> ConversationSource:
 
 def hub_chat(hub: Sequence[dict], streaming: bool = False,
              skip_bad_records: bool = False) -> ConversationSource:
-    """Return the conversations of hub data sets (schema detected from each one's first row)."""
-    if not hub:
-        raise ConfigError("a hub chat dataset needs at least one entry in dataset.hub")
-    require_hub("dataset " + ", ".join(s["path"] for s in hub), OFFLINE_CHAT)
-    from datasets import load_dataset
+    """Return the conversations of hub data sets (schema detected from each one's columns)."""
+    from ldm.data.hub_sets import check_entries, column_names, load_entry
 
-    parts = [(s["path"], load_dataset(s["path"], s.get("name"), split=s.get("split", "train"),
-                                      streaming=streaming)) for s in hub]
+    check_entries(hub, streaming, OFFLINE_CHAT)
+    parts = [(s["path"], load_entry(s, streaming, OFFLINE_CHAT)) for s in hub]
+    for name, rows in parts:
+        columns = column_names(rows)
+        if columns is not None and detect_schema(dict.fromkeys(columns)) is None:
+            raise DataError(f"hub dataset {name} has columns {', '.join(columns)}, in none of "
+                            f"the chat schemas; accepted: {SCHEMA_HELP}")
 
     def records(source: ConversationSource) -> Iterator[Conversation]:
         for name, rows in parts:
@@ -284,7 +285,8 @@ def open_chat_source(source: str, *, hub: Sequence[dict] = (), paths: Sequence[s
                       f"{', '.join(CHAT_SOURCES)}")
 
 
-def validate_chat_source(source: str, hub: Sequence[dict], paths: Sequence[str]) -> None:
+def validate_chat_source(source: str, hub: Sequence[dict], paths: Sequence[str],
+                         streaming: bool = False) -> None:
     """Check a chat source cheaply (package installed, files exist, hub reachable) before work."""
     if source == "construction_faq":
         if importlib.util.find_spec(FAQ_PACKAGE) is None:
@@ -293,9 +295,9 @@ def validate_chat_source(source: str, hub: Sequence[dict], paths: Sequence[str])
     elif source == "local":
         resolve_chat_paths(paths)
     elif source == "hub":
-        if not hub:
-            raise ConfigError("a hub chat dataset needs at least one entry in dataset.hub")
-        require_hub("dataset " + ", ".join(s["path"] for s in hub), OFFLINE_CHAT)
+        from ldm.data.hub_sets import check_entries
+
+        check_entries(hub, streaming, OFFLINE_CHAT)
     else:
         raise ConfigError(f"dataset.source={source!r} is not a chat source; accepted: "
                           f"{', '.join(CHAT_SOURCES)}")

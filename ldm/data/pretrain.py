@@ -226,6 +226,7 @@ def build_pretraining_data(
     bpe_vocab_size: Optional[int] = None,
     manifest_extra: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    manifest_late: Optional[Callable[[], Dict[str, Any]]] = None,
     dtype: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Build packed train/test rows at `final` (atomically) and return the manifest.
@@ -290,6 +291,8 @@ def build_pretraining_data(
             "splits": stats, "seconds": round(elapsed, 3),
             "tokens_per_second": (stats["train"]["tokens"] + stats["test"]["tokens"]) / elapsed,
         }
+        # fields known only once the source was read (a mixture's realised shares)
+        manifest.update(manifest_late() if manifest_late else {})
         write_manifest(tmp, manifest)
         kill_point("prepare.write")
     return manifest

@@ -228,6 +228,7 @@ def build_sft_data(
     max_examples: Optional[int] = None,
     manifest_extra: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    manifest_late: Optional[Callable[[], Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """Build train/test SFT examples at `final` (atomically) and return the manifest.
 
@@ -308,6 +309,8 @@ def build_sft_data(
             "chat_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS},
             "counts": counts, "splits": stats, "seconds": round(elapsed, 3),
         }
+        # fields known only once the source was read (a mixture's realised shares)
+        manifest.update(manifest_late() if manifest_late else {})
         write_manifest(tmp, manifest)
         kill_point("prepare.write")
     log.info("SFT data: kept %d of %d conversations (%d truncated, %d dropped as longer than %d "

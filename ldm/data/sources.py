@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from ldm.errors import ConfigError, DataError
-from ldm.hub import require_hub
 
 log = logging.getLogger(__name__)
 
@@ -237,17 +236,19 @@ def describe_files(files: Sequence[Path]) -> List[Dict[str, object]]:
 
 def hub_dataset(sources: Sequence[dict], streaming: bool):
     """Return the hub sources' text columns concatenated into one dataset of `text` rows."""
-    from datasets import concatenate_datasets, load_dataset
+    from datasets import concatenate_datasets
 
-    if not sources:
-        raise ConfigError("a hub dataset needs at least one entry in dataset.hub")
-    names = ", ".join(s["path"] for s in sources)
-    require_hub(f"dataset {names}", OFFLINE_TEXT)
+    from ldm.data.hub_sets import check_entries, column_names, load_entry
+
+    check_entries(sources, streaming, OFFLINE_TEXT)
     parts = []
     for src in sources:
-        ds = load_dataset(src["path"], src.get("name"), split=src.get("split", "train"),
-                          streaming=streaming)
+        ds = load_entry(src, streaming, OFFLINE_TEXT)
         field = src.get("text_field", "text")
+        columns = column_names(ds)
+        if columns is not None and field not in columns:
+            raise DataError(f"hub dataset {src['path']} has no column {field!r} (text_field); "
+                            f"columns: {', '.join(columns)}")
         if field != "text":
             ds = ds.rename_column(field, "text")
         parts.append(ds.select_columns(["text"]))
@@ -279,13 +280,14 @@ def open_text_source(
     raise ConfigError(f"dataset.source={source!r} is not known; accepted: hub, shakespeare, local")
 
 
-def validate_text_source(source: str, hub: Sequence[dict], paths: Sequence[str]) -> None:
+def validate_text_source(source: str, hub: Sequence[dict], paths: Sequence[str],
+                         streaming: bool = False) -> None:
     """Check a text source cheaply (files exist, hub reachable) before any heavy work."""
     if source == "local":
         resolve_local_paths(paths)
     elif source == "hub":
-        if not hub:
-            raise ConfigError("a hub dataset needs at least one entry in dataset.hub")
-        require_hub("dataset " + ", ".join(s["path"] for s in hub), OFFLINE_TEXT)
+        from ldm.data.hub_sets import check_entries
+
+        check_entries(hub, streaming, OFFLINE_TEXT)
     elif source != "shakespeare":
         raise ConfigError(f"dataset.source={source!r} is not known; accepted: hub, shakespeare, local")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.data import sources, store
+from ldm.data import mixture, sources, store
 from ldm.data.pretrain import build_pretraining_data
 from ldm.errors import ConfigError
 from ldm.tasks.common import open_tracker
@@ -51,14 +51,29 @@ def validate(cfg: DictConfig) -> None:
                           f"{task.batch_size} must both be >= 1")
     if ds.max_documents is not None and ds.max_documents < 2:
         raise ConfigError(f"dataset.max_documents={ds.max_documents} must be >= 2 (or null)")
+    if ds.kind not in ("text", "chat"):
+        raise ConfigError(f"dataset.kind={ds.kind!r}; accepted: text, chat")
+    if is_mixture(ds):
+        mixture.validate(mixture_parts(ds), ds.kind, ds.streaming)
     if ds.kind == "chat":
         validate_chat(cfg)
         return
-    if ds.kind != "text":
-        raise ConfigError(f"dataset.kind={ds.kind!r}; accepted: text, chat")
     if cfg.model.tokenizer == TRAIN_BPE and not cfg.model.vocab_size:
         raise ConfigError(f"model={cfg.model.name} trains a BPE tokenizer but model.vocab_size is unset")
-    sources.validate_text_source(ds.source, OmegaConf.to_container(ds.hub, resolve=True), list(ds.paths))
+    if not is_mixture(ds):
+        sources.validate_text_source(ds.source, OmegaConf.to_container(ds.hub, resolve=True),
+                                     list(ds.paths), ds.streaming)
+
+
+def is_mixture(ds: DictConfig) -> bool:
+    """True when the data set is a weighted mixture (`dataset.mixture` set or source: mixture)."""
+    return bool(ds.mixture) or ds.source == "mixture"
+
+
+def mixture_parts(ds: DictConfig) -> list:
+    """Return the components of `dataset.mixture` as complete, checked dicts."""
+    return mixture.components(OmegaConf.to_container(ds.mixture, resolve=True), ds.kind,
+                              ds.mixture_stop, ds.skip_bad_records)
 
 
 def validate_chat(cfg: DictConfig) -> None:
@@ -70,7 +85,7 @@ def validate_chat(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.{key}={ds[key]!r}; accepted: {', '.join(allowed)}")
     if not cfg.init_from and cfg.model.tokenizer == TRAIN_BPE and not cfg.model.vocab_size:
         raise ConfigError(f"model={cfg.model.name} trains a BPE tokenizer but model.vocab_size is unset")
-    for part in chat_components(ds):
+    for part in ([] if is_mixture(ds) else chat_components(ds)):
         if part["source"] == "synthetic":
             from ldm.data import synthetic
 
@@ -80,7 +95,7 @@ def validate_chat(cfg: DictConfig) -> None:
             continue
         from ldm.data.chat_sources import validate_chat_source
 
-        validate_chat_source(part["source"], part["hub"], part["paths"])
+        validate_chat_source(part["source"], part["hub"], part["paths"], ds.streaming)
 
 
 CHAT_PART_KEYS = ("source", "paths", "hub", "max_documents", "task_types", "difficulty",
@@ -154,6 +169,9 @@ def open_conversations(cfg: DictConfig):
     indices (and so the train/test split) they have as a data set of their own.
     """
     ds = cfg.dataset
+    if is_mixture(ds):
+        return mixture.open_chat_mixture(mixture_parts(ds), ds.split_seed, ds.mixture_stop,
+                                         ds.streaming)
     opened = [_open_part(p, ds.split_seed, ds.streaming) for p in chat_components(ds)]
     if len(opened) == 1:
         return opened[0]
@@ -183,11 +201,16 @@ def run(cfg: DictConfig) -> float:
     if cfg.model.tokenizer != TRAIN_BPE:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         tok_id = {"tokenizer": cfg.model.tokenizer, "hash": tokenizer_identity(tokenizer)}
-    documents, description = sources.open_text_source(
-        ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True), paths=list(ds.paths),
-        text_field=ds.text_field, txt_unit=ds.txt_unit, streaming=ds.streaming,
-        cache_dir=cfg.paths.cache,
-    )
+    if is_mixture(ds):
+        texts, description = mixture.open_text_mixture(
+            mixture_parts(ds), ds.split_seed, ds.mixture_stop, ds.streaming, cfg.paths.cache)
+    else:
+        documents, description = sources.open_text_source(
+            ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True), paths=list(ds.paths),
+            text_field=ds.text_field, txt_unit=ds.txt_unit, streaming=ds.streaming,
+            cache_dir=cfg.paths.cache,
+        )
+        texts = lambda: (row["text"] for row in documents)  # noqa: E731
     spec = {"source": description, "tokenizer": tok_id, "context": cfg.context.length,
             "split_seed": ds.split_seed, "test_split_pct": ds.test_split_pct,
             "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents}
@@ -200,7 +223,7 @@ def run(cfg: DictConfig) -> float:
             print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
         else:
             manifest = build_pretraining_data(
-                lambda: (row["text"] for row in documents), final, tokenizer=tokenizer,
+                texts, final, tokenizer=tokenizer,
                 context_length=cfg.context.length, test_split_pct=ds.test_split_pct,
                 split_seed=ds.split_seed, pack=cfg.task.pack, last_row=cfg.task.last_row,
                 num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
@@ -208,6 +231,7 @@ def run(cfg: DictConfig) -> float:
                 manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
                                 "tokenizer": {"name": cfg.model.tokenizer_name, **tok_id},
                                 "context": cfg.context.name},
+                manifest_late=mixture.manifest_record(texts),
             )
         print_summary(final, manifest)
         metrics = {}
@@ -215,6 +239,7 @@ def run(cfg: DictConfig) -> float:
             for key in ("documents", "tokens", "rows", "padding_fraction", "bytes_per_token"):
                 metrics[f"{split}.{key}"] = st[key]
         metrics["tokens_per_second"] = manifest.get("tokens_per_second", 0.0)
+        metrics.update(mixture.mixture_metrics(manifest))
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(final / store.MANIFEST, "data")
     return float(manifest["splits"]["train"]["tokens"])
@@ -254,10 +279,12 @@ def run_chat(cfg: DictConfig) -> float:
                                 "tokenizer": {"name": cfg.model.tokenizer_name,
                                               "from": cfg.init_from or cfg.model.tokenizer},
                                 "context": cfg.context.name},
+                manifest_late=mixture.manifest_record(conversations),
             )
         print_chat_summary(final, manifest)
         metrics = {f"{split}.{key}": value for split, st in manifest["splits"].items()
                    for key, value in st.items() if isinstance(value, (int, float))}
+        metrics.update(mixture.mixture_metrics(manifest))
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(final / store.MANIFEST, "data")
     return float(manifest["splits"]["train"].get("answer_tokens", 0))
@@ -281,6 +308,7 @@ def print_chat_summary(final: Path, manifest: dict) -> None:
     Console().print(table)
     print(f"padding {manifest.get('padding')}, answer turns {manifest.get('answer_turns')}, "
           f"context {manifest.get('context_length', '')}, fingerprint {manifest['fingerprint']}")
+    mixture.print_realised(manifest)
 
 
 def print_summary(final: Path, manifest: dict) -> None:
@@ -299,3 +327,4 @@ def print_summary(final: Path, manifest: dict) -> None:
     Console(stderr=False).print(table)
     print(f"dtype {manifest['dtype']}, context {manifest['context_length']}, "
           f"fingerprint {manifest['fingerprint']}")
+    mixture.print_realised(manifest)
