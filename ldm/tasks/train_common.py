@@ -167,6 +167,9 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     if not cfg.init_from and cfg.context.length > cfg.model.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds model.max_positions="
                           f"{cfg.model.max_positions} of model={cfg.model.name}")
+    from ldm.tasks.launch import check_init_from, needs_launch, relaunch, resolve_schedule
+
+    check_init_from(cfg)
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.init_from}" if cfg.init_from else "")
     splits, manifest = load_prepared(data_dir, command)
@@ -176,8 +179,11 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
     if cfg.init_from and Path(cfg.init_from).is_dir():
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
+    resolve_schedule(cfg, len(splits["train"]))
     loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
     validate(loop_cfg, cfg.hardware.num_processes)
+    if needs_launch(cfg):
+        return relaunch(cfg)
     launch = accelerate_settings(cfg)
     accelerator = make_accelerator(loop_cfg)
     check_world_size(cfg.hardware.num_processes, accelerator.num_processes)
