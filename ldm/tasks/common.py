@@ -146,6 +146,16 @@ def lock_run_folder(folder: Path):
     return handle
 
 
+def unlock_run_folder(folder: Path) -> None:
+    """Release this process's lock on a run folder (a launcher hands the folder to its ranks)."""
+    import fcntl
+
+    handle = _HELD_LOCKS.pop(str(Path(folder).resolve()), None)
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 class RunFolderLock(Callback):
     """Hydra callback: lock the run folder before Hydra writes its config and log into it.
 

@@ -93,7 +93,11 @@ def launch_command(cfg: DictConfig, argv: list) -> list:
 
 def relaunch(cfg: DictConfig) -> float:
     """Run this command again as hardware.num_processes processes; exit with their status."""
+    from ldm.tasks.common import run_dir, unlock_run_folder
+
     cmd = launch_command(cfg, sys.argv[1:])
+    # rank 0 of the launch takes the run folder's lock; this process only waits for the ranks
+    unlock_run_folder(run_dir(cfg))
     print(f"hardware={cfg.hardware.name} runs {cfg.hardware.num_processes} processes; starting: "
           f"{shlex.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=cfg.paths.root, env=dict(os.environ))
