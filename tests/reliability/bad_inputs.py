@@ -134,3 +134,24 @@ CASES = [
          [*PRETRAIN, "model.arch.hidden_size=48", "task.resume_from={ckpt}"],
          "step-0000002", "architecture"),
 ]
+
+# --- hub chat data and weighted mixtures (dataset=hf_chat, dataset.mixture) --------------------
+PREPARE_HF = ["task=prepare", *TINY, "dataset=hf_chat", "init_from={export}", "tracking=off"]
+PREPARE_MIX = ["task=prepare", *TINY, "dataset=mixture_chat", "init_from={export}", "tracking=off"]
+CASES += [
+    case("hf_chat_without_chat_column",
+         [*PREPARE_HF, "dataset.hub=[{{path: {files}/wrong_schema.jsonl}}]"],
+         "wrong_schema.jsonl", "columns question, reply", "messages"),
+    case("hf_chat_empty_split_slice",
+         [*PREPARE_HF, "dataset.hub=[{{path: {files}/wrong_schema.jsonl, split: 'train[5:2]'}}]"],
+         "train[5:2]", "selects no rows"),
+    case("mixture_negative_weight",
+         [*PREPARE_MIX, "dataset.mixture=[{{source: construction_faq, weight: -1}}]"],
+         "weight=-1", ">= 0"),
+    case("mixture_all_weights_zero",
+         [*PREPARE_MIX, "dataset.mixture=[{{source: construction_faq, weight: 0}}]"],
+         "every dataset.mixture weight is 0", "> 0"),
+    case("mixture_unknown_source",
+         [*PREPARE_MIX, "dataset.mixture=[{{source: wikipedia, weight: 1}}]"],
+         "'wikipedia'", "construction_faq"),
+]
