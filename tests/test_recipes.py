@@ -281,7 +281,8 @@ OFFLINE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
 
 @pytest.mark.parametrize("args,needle,offline_hint", [
     (["experiment=bert_chat_large"], "init_from=answerdotai/ModernBERT-large", "model=minilm"),
-    (["experiment=bert_chat_base"], "init_from=answerdotai/ModernBERT-base", "model=minilm"),
+    pytest.param(["experiment=bert_chat_base"], "init_from=answerdotai/ModernBERT-base",
+                 "model=minilm", marks=pytest.mark.slow),
     (["task=prepare", "dataset=tulu3_smoltalk", "model=modernbert_large", "context=ctx1024"],
      "dataset allenai/tulu-3-sft-mixture", "dataset=construction_faq"),
 ])

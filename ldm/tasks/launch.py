@@ -93,8 +93,16 @@ def launch_command(cfg: DictConfig, argv: list) -> list:
 
 def relaunch(cfg: DictConfig) -> float:
     """Run this command again as hardware.num_processes processes; exit with their status."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from ldm.tasks.common import run_dir, unlock_run_folder
 
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"hardware.num_processes={cfg.hardware.num_processes} in a multirun: each job would "
+            "start the whole sweep again; launch the sweep itself with `accelerate launch "
+            f"--config_file {cfg.hardware.accelerate_config} run.py -m ...`")
     cmd = launch_command(cfg, sys.argv[1:])
     # rank 0 of the launch takes the run folder's lock; this process only waits for the ranks
     unlock_run_folder(run_dir(cfg))
