@@ -194,7 +194,7 @@ def test_chat_mixture_prepares_with_realised_shares_in_manifest_and_mlflow(tmp_p
     proc = run_cli(["task=prepare", "dataset=mixture_chat", mix, "model=minilm", "context=ctx64",
                     "dataset.test_split_pct=0.1", "run_name=mixed"], outputs)
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads(next((outputs / "data" / "mixture_chat").rglob("manifest.json")).read_text())
+    manifest = json.loads(next((outputs / "data").rglob("manifest.json")).read_text())
     real = manifest["mixture"]
     assert real["examples"] == manifest["counts"]["examples"] > 0
     assert real["exhausted"] == [f"hub:{hub_like}"]  # 600 rows at half the draws: first to run out

@@ -210,7 +210,9 @@ def run(cfg: DictConfig) -> float:
             text_field=ds.text_field, txt_unit=ds.txt_unit, streaming=ds.streaming,
             cache_dir=cfg.paths.cache,
         )
-        texts = lambda: (row["text"] for row in documents)  # noqa: E731
+
+        def texts():
+            return (row["text"] for row in documents)
     spec = {"source": description, "tokenizer": tok_id, "context": cfg.context.length,
             "split_seed": ds.split_seed, "test_split_pct": ds.test_split_pct,
             "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents}
