@@ -28,6 +28,28 @@ def tracking_target(cfg: DictConfig) -> Tuple[Optional[str], Optional[str], str]
     return uri, artifacts, experiment
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str) -> str:
+    """Return task.device `name` if this machine can run it, else raise ConfigError."""
+    import torch
+
+    if name not in DEVICES:
+        raise ConfigError(f"task.device={name!r}; accepted: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("task.device=cuda but no CUDA device is available; use auto or cpu")
+    return name
+
+
+def pick_device(name: str):
+    """Return the torch device for task.device (auto = cuda when available)."""
+    import torch
+
+    check_device(name)
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=+@-]{0,199}$")
 
 
