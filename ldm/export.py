@@ -11,7 +11,7 @@ template) plus two files of ours:
   `dataset` and `masking` groups a later stage uses instead of asking for them again.
 
 `read_export` also accepts a hub id or a plain Hugging Face folder (no ldm files): then only the
-weights, tokenizer and config.json are known. One rule tells the two apart: `is_local`.
+weights, tokenizer and config.json are known. One rule tells the two apart: `ldm.hub.is_local`.
 Resumable training checkpoints are something else and live in `ldm/train/checkpoint.py`.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from ldm.errors import ConfigError, LdmError
+from ldm.hub import is_local
 
 INFO_FILE = "ldm_export.json"
 CONFIG_FILE = "ldm_config.yaml"
@@ -35,11 +36,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Model settings that only say how to load the weights: a later stage may change them freely.
 LOAD_SETTINGS = ("dtype", "attn_implementation", "trust_remote_code", "compile",
                  "gradient_checkpointing", "dropout")
-
-
-def is_local(where: str) -> bool:
-    """Return True when `where` names a local folder (an export), False for a hub id."""
-    return Path(str(where)).expanduser().is_dir()
 
 
 def library_versions() -> Dict[str, str]:

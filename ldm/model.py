@@ -20,7 +20,6 @@ from torch import nn
 
 from ldm import hub
 from ldm.errors import ConfigError, LdmError
-from ldm.export import is_local
 
 log = logging.getLogger("ldm")
 
@@ -302,7 +301,7 @@ def load_model(
     elif source == "package":
         folder = package_model_dir(pretrained)
         model = _from_pretrained(str(folder), kwargs, missing_keys_ok, f"package:{pretrained}")
-    elif source == "export" or is_local(pretrained):
+    elif source == "export" or hub.is_local(pretrained):
         # A hub source given a local folder is an export too (init_from takes either).
         folder = Path(pretrained)
         if not (folder / "config.json").is_file():

@@ -10,7 +10,8 @@ import torch
 
 from conftest import run_cli
 from ldm.errors import ConfigError
-from ldm.export import is_local, read_export, write_export
+from ldm.export import read_export, write_export
+from ldm.hub import is_local
 from ldm.sampling import SamplerSettings
 from ldm.tokenizer import train_bpe
 

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ldm.config import GROUP_SCHEMAS
 from ldm.errors import ConfigError, LdmError
-from ldm.export import LOAD_SETTINGS, Export, is_local, read_export
+from ldm.export import LOAD_SETTINGS, Export, read_export
+from ldm.hub import is_local
 
 FIXED_GROUPS = ("model", "context")  # what the weights were trained as: never contradicted
 FREE_GROUPS = ("dataset", "masking")  # defaults from the export; an explicit choice wins

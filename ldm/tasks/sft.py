@@ -31,7 +31,8 @@ def heldout_prompts(test_split, count: int) -> list:
 
 def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     """Return the sampler settings of the SFT-time samples, checked against the model's positions."""
-    from ldm.export import is_local, read_export
+    from ldm.export import read_export
+    from ldm.hub import is_local
 
     if cfg.init_from and is_local(cfg.init_from):
         positions = read_export(cfg.init_from, "init_from").max_positions

@@ -77,7 +77,7 @@ def fsdp_layer_names(settings: dict) -> list:
 
 def model_source(cfg: DictConfig) -> tuple[str, Optional[str]]:
     """Return (source, pretrained) for load_model: init_from wins over the model option."""
-    from ldm.export import is_local
+    from ldm.hub import is_local
 
     if cfg.init_from:
         return ("export" if is_local(cfg.init_from) else "hub"), cfg.init_from
@@ -150,7 +150,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     """
     from ldm.data.store import load_prepared
     from ldm.errors import DataError
-    from ldm.export import is_local, write_export
+    from ldm.export import write_export
+    from ldm.hub import is_local
     from ldm.tasks.checkpoints import with_init_from_model
     from ldm.tasks.common import (check_run_name, check_tracking, lock_run_folder, open_tracker,
                                   run_dir)
