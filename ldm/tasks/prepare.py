@@ -189,7 +189,9 @@ def run(cfg: DictConfig) -> float:
     )
     spec = {"source": description, "tokenizer": tok_id, "context": cfg.context.length,
             "split_seed": ds.split_seed, "test_split_pct": ds.test_split_pct,
-            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents}
+            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents,
+            # data prepared before text spelling a special token was kept as text is not reused
+            "special_token_text": "split"}
     fp = store.fingerprint(spec)
     with open_tracker(cfg) as tracker:
         tracker.set_tags({"ldm.data_dir": str(final), "ldm.fingerprint": fp})

@@ -5,28 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 from omegaconf import DictConfig
 
+from ldm.evaluate import heldout_answers
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.train_common import run_training
 
 log = logging.getLogger("ldm")
-
-
-def heldout_prompts(test_split, count: int) -> list:
-    """Return (prompt ids, reference answer ids) of the first `count` held-out examples."""
-    out = []
-    view = test_split.with_format("numpy")
-    for i in range(min(count, len(test_split))):
-        row = view[i]
-        ids, mask = np.asarray(row["input_ids"]), np.asarray(row["answer_mask"]).astype(bool)
-        if not mask.any():
-            continue
-        first = int(mask.argmax())
-        length = int(row["length"]) if "length" in row else len(ids)
-        out.append((ids[:first].tolist(), ids[first:length].tolist()))
-    return out
 
 
 def sampler_settings(cfg: DictConfig) -> SamplerSettings:
@@ -50,7 +35,8 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
 
         from ldm.sampling.sampler import generate, hf_logits_fn
 
-        prompts = heldout_prompts(test_split, cfg.task.eval_samples)
+        # the same prompts task=evaluate answers: everything before each row's last answer
+        prompts = heldout_answers(test_split, cfg.task.eval_samples)
         if not prompts:
             return None
         longest = max(len(p) for p, _ in prompts)
