@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from ldm.model import SparseMaskedLM, load_model  # noqa: E402
 from ldm.sampling.sampler import generate, hf_logits_fn  # noqa: E402
+from ldm.sampling.settings import SamplerSettings  # noqa: E402
 from ldm.train.loop import make_optimizer  # noqa: E402
 from ldm.train.objective import diffusion_step  # noqa: E402
 
@@ -156,7 +157,7 @@ def train_speed(model, shape: dict, device: str, bf16: bool) -> dict:
             "peak_memory_gib": peak}
 
 
-def fast_settings(new_tokens: int) -> dict:
+def fast_settings(new_tokens: int, max_positions: int) -> SamplerSettings:
     """Return the `fast` sampler preset's settings (conf/sampler/fast.yaml) for new_tokens."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -168,16 +169,15 @@ def fast_settings(new_tokens: int) -> dict:
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose("config", overrides=["sampler=fast", f"sampler.max_new_tokens={new_tokens}"])
     GlobalHydra.instance().clear()
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    sampler.pop("name")
-    return sampler
+    return SamplerSettings.from_config(OmegaConf.to_container(cfg.sampler, resolve=True),
+                                       max_positions=max_positions)
 
 
 def sampling_speed(model, shape: dict, device: str, bf16: bool) -> dict:
     """Time the `fast` sampler on a batch of random prompts; return tokens/s and calls."""
     import contextlib
 
-    settings = fast_settings(shape["new_tokens"])
+    settings = fast_settings(shape["new_tokens"], shape["arch"]["max_position_embeddings"])
     model.eval()
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, shape["vocab"] - 100, (shape["prompts"], shape["prompt"]),
@@ -185,13 +185,13 @@ def sampling_speed(model, shape: dict, device: str, bf16: bool) -> dict:
     autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if bf16 \
         else contextlib.nullcontext
     kwargs = dict(mask_id=shape["mask"], eos_id=shape["eos"], special_ids=[shape["mask"]],
-                  pad_id=0, device=device, record_history=False, **settings)
+                  pad_id=0, device=device, record_history=False)
     times, results = [], []
     for rep in range(4):  # one warm-up, three measured
         sync(device)
         start = time.perf_counter()
         with autocast():
-            result = generate(hf_logits_fn(model), prompts, **kwargs)
+            result = generate(hf_logits_fn(model), prompts, settings, **kwargs)
         sync(device)
         if rep:
             times.append(time.perf_counter() - start)
@@ -200,7 +200,7 @@ def sampling_speed(model, shape: dict, device: str, bf16: bool) -> dict:
     tokens = statistics.median(sum(len(t) for t in r.tokens) for r in results)
     calls = statistics.median(r.nfe for r in results)
     model.train()
-    return {"settings": settings, "prompts": shape["prompts"], "prompt_tokens": shape["prompt"],
+    return {"settings": settings.as_record(), "prompts": shape["prompts"], "prompt_tokens": shape["prompt"],
             "seconds_per_batch": seconds, "answer_tokens": tokens, "model_calls": calls,
             "tokens_per_second": tokens / seconds["median"],
             "calls_per_second": calls / seconds["median"],
