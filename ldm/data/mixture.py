@@ -267,6 +267,32 @@ def describe(names, parts, descs, seed: int, stop: str) -> Dict[str, Any]:
             "seed": seed, "stop": stop}
 
 
+def describe_named(parts: Sequence[Dict[str, Any]], kind: str, seed: int, stop: str) -> Dict[str, Any]:
+    """Return what a mixture names without reading or downloading it (open_*_mixture's shape)."""
+    from ldm.data import synthetic
+
+    descs = []
+    for part in parts:
+        hub = [hub_entry(part)] if part["source"] == "hub" else []
+        if part["source"] == "synthetic_tasks":
+            desc = synthetic.describe(part["max_documents"], seed, part["task_types"] or None,
+                                      part["difficulty"])
+        elif kind == "chat":
+            from ldm.data.chat_sources import describe_chat_source
+
+            desc = {**describe_chat_source(part["source"], hub=hub, paths=list(part["paths"])),
+                    "max_documents": part["max_documents"]}
+        else:
+            from ldm.data.sources import describe_text_source
+
+            desc = {**describe_text_source(part["source"], hub=hub, paths=list(part["paths"]),
+                                           text_field=part["text_field"],
+                                           txt_unit=part["txt_unit"]),
+                    "max_documents": part["max_documents"]}
+        descs.append(desc)
+    return describe(labels(parts), parts, descs, seed, stop)
+
+
 def validate(parts: Sequence[Dict[str, Any]], kind: str, streaming: bool) -> None:
     """Check each component cheaply (files exist, package installed, hub reachable)."""
     if kind == "chat":
