@@ -185,7 +185,8 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
                        [canvas_a, stats_a, canvas_b, stats_b], api_name="side_by_side")
         infill_run.click(on_infill, [infill_text, preset, *settings],
                          [infill_canvas, infill_out, infill_stats], api_name="infill")
-        for button in (stop, side_stop, infill_stop):
+        stop.click(on_stop, None, None, api_name="stop", queue=False)
+        for button in (side_stop, infill_stop):
             button.click(on_stop, None, None, api_name=False, queue=False)
         clear.click(on_clear, None, [chatbot, history, canvas, stats, message], api_name="clear",
                     queue=False)
