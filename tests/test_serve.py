@@ -29,7 +29,7 @@ def free_port() -> int:
 class Live:
     """A served page: its url, the engine behind it, and a knob that slows each model call."""
 
-    def __init__(self, export):
+    def __init__(self, export, title: str = "tiny"):
         from ldm.model import load_model
         from ldm.sampling import hf_logits_fn
         from ldm.serve.app import build_app, launch
@@ -48,7 +48,7 @@ class Live:
             return self.base_fn(ids, mask)
 
         self.engine = Engine(model_fn, self.tok, mask_id=self.tok.mask_token_id,
-                             max_positions=128)
+                             max_positions=model.config.max_position_embeddings)
         answer = self.engine.answer
 
         def recording(messages, runs, session=None):
@@ -56,7 +56,7 @@ class Live:
             return answer(messages, runs, session)
 
         self.engine.answer = recording
-        self.demo = build_app(self.engine, load_presets(CONF / "sampler"), "llada", title="tiny")
+        self.demo = build_app(self.engine, load_presets(CONF / "sampler"), "llada", title=title)
         _, self.url = launch(self.demo, "127.0.0.1", free_port(), block=False)
 
     def client(self) -> Client:

@@ -13,7 +13,8 @@ from ldm.sampling.sampler import SamplerStep
 
 CSS = """
 .ldm-canvas { font-family: ui-monospace, monospace; line-height: 1.9; white-space: pre-wrap;
-  padding: 8px; border-radius: 6px; min-height: 3em; }
+  padding: 8px; border-radius: 6px; min-height: 3em; overflow-wrap: anywhere;
+  word-break: break-word; }
 .ldm-canvas .ldm-head { font-size: 0.8em; opacity: 0.75; margin-bottom: 4px; }
 .ldm-canvas .ldm-mask { display: inline-block; width: 1.6em; height: 1.1em; margin: 0 1px;
   vertical-align: middle; background: #9ca3af; border-radius: 3px; opacity: 0.55; }
