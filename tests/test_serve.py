@@ -57,7 +57,7 @@ class Live:
 
         self.engine.answer = recording
         self.demo = build_app(self.engine, load_presets(CONF / "sampler"), "llada", title=title)
-        _, self.url = launch(self.demo, "127.0.0.1", free_port(), block=False)
+        _, self.url = launch(self.demo, "127.0.0.1", free_port())
 
     def client(self) -> Client:
         return Client(self.url, verbose=False, download_files=False)
@@ -235,3 +235,37 @@ def test_every_preset_file_becomes_a_choice(tmp_path):
     assert preset_values(presets, "tiny")["steps"] == 8
     assert preset_values(presets, "llada", max_new_tokens=16)["steps"] == 16  # follows
     assert sampler_kwargs(presets, "fast", {"threshold": 0.0})["threshold"] is None
+
+
+@pytest.mark.slow
+def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    export = make_export(tmp_path / "chat", chat=True)
+    port = free_port()
+    env = {**os.environ, "LDM_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), "task=serve", f"checkpoint={export}",
+         f"serve.port={port}", "sampler=fast", "sampler.max_new_tokens=16", "sampler.block_length=16",
+         "tracking=off"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if f"http://127.0.0.1:{port}" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        assert client.predict("fast", api_name="/preset")[:3] == (16, 16, 16)  # command line's
+        answer = client.predict(message="hello", max_new_tokens=16, steps=16, block_length=16,
+                                api_name="/chat")
+        assert "model calls" in answer[0][-1]["content"][0]["text"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

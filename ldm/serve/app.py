@@ -201,9 +201,9 @@ def theme():
                              font_mono=["ui-monospace", "monospace"])
 
 
-def launch(demo: gr.Blocks, host: str, port: int, *, block: bool = True):
-    """Start serving `demo` on host:port; return the (app, local url) once it listens."""
-    app, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block,
-                              share=False, quiet=not block, ssr_mode=False, show_error=True,
+def launch(demo: gr.Blocks, host: str, port: int):
+    """Start serving `demo` on host:port in the background; return (app, local url) once it listens."""
+    app, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
+                              share=False, quiet=True, ssr_mode=False, show_error=True,
                               theme=theme(), css=CSS, footer_links=["api"])
     return app, url

@@ -143,6 +143,13 @@ def run(cfg: DictConfig) -> float:
         print(f"warning: serve.host={host} lets anyone who can reach this machine on port {port} "
               f"use the model (no login, no TLS); use 127.0.0.1 to keep it to this machine",
               flush=True)
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes
+    launch(demo, host, port)
     print(f"serving {ckpt.where} on http://{host}:{port} (Ctrl+C stops)", flush=True)
-    launch(demo, host, port, block=True)
+    try:
+        demo.block_thread()  # until Ctrl+C
+    finally:
+        demo.close()
     return 0.0
