@@ -269,3 +269,26 @@ def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_canvas_colours_each_token_by_its_commit_step_and_outlines_the_latest(live):
+    import torch
+
+    from ldm.sampling.render import TokenPieces
+    from ldm.sampling.sampler import SamplerStep
+    from ldm.serve.canvas import CommitTracker, canvas_html
+    from ldm.sampling.prompts import encode_text
+
+    mask = live.tok.mask_token_id
+    a, c = encode_text(live.tok, " king river")[:2]
+    tracker = CommitTracker()
+    first = torch.tensor([[a, mask, mask]])
+    tracker.update(SamplerStep(0, 0, first, torch.tensor([[True, False, False]]), 1))
+    second = torch.tensor([[a, mask, c]])
+    born = tracker.update(SamplerStep(1, 0, second, torch.tensor([[False, False, True]]), 2))
+    html = canvas_html(TokenPieces(live.tok), second[0].tolist(), mask_id=mask,
+                       born=born[0].tolist(), new=[False, False, True], total_steps=3)
+    assert 'data-committed="2" data-masked="1"' in html
+    assert html.count('title="step 1"') == 1 and html.count('title="step 2"') == 1
+    assert html.count("ldm-new") == 1 and html.index("ldm-new") > html.index('title="step 1"')
+    assert html.count('class="ldm-mask"') == 1
