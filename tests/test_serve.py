@@ -95,7 +95,7 @@ def test_chat_streams_growing_canvases_then_the_library_samplers_answer(live):
     running = [s for s in seen if s[0] == "running"]
     assert len(running) >= 2 and seen[-1][0] == "done"
     assert seen.index(running[-1]) < len(seen) - 1  # every running state came before the end
-    committed = [c for _, c, _ in seen]
+    committed = [c for _, c, _ in running]  # the done canvas ends at EOS, so it is left out
     assert committed == sorted(committed) and committed[0] < committed[-1]
     assert all(c + m == 16 for state, c, m in running)
     # The page's answer is the library sampler's answer for the same prompt and settings.
@@ -289,6 +289,12 @@ def test_canvas_colours_each_token_by_its_commit_step_and_outlines_the_latest(li
     html = canvas_html(TokenPieces(live.tok), second[0].tolist(), mask_id=mask,
                        born=born[0].tolist(), new=[False, False, True], total_steps=3)
     assert 'data-committed="2" data-masked="1"' in html
+    eos = live.tok.eos_token_id
+    padded = canvas_html(TokenPieces(live.tok), [a, eos, mask], mask_id=mask, eos_id=eos)
+    assert 'data-committed="2"' in padded and "∎" in padded  # committed EOS padding shows
+    done = canvas_html(TokenPieces(live.tok), [a, eos, mask], mask_id=mask, eos_id=eos,
+                       end_id=eos, state="done")
+    assert 'data-committed="1" data-masked="0"' in done  # a finished answer ends at its EOS
     assert html.count('title="step 1"') == 1 and html.count('title="step 2"') == 1
     assert html.count("ldm-new") == 1 and html.index("ldm-new") > html.index('title="step 1"')
     assert html.count('class="ldm-mask"') == 1

@@ -21,6 +21,7 @@ CSS = """
 .ldm-canvas .ldm-tok { border-radius: 3px; color: #111; }
 .ldm-canvas .ldm-new { outline: 2px solid #dc2626; font-weight: bold; }
 .ldm-canvas .ldm-text { opacity: 0.8; }
+.ldm-canvas .ldm-eos { font-size: 0.8em; opacity: 0.7; }
 """
 
 
@@ -49,20 +50,31 @@ def step_colour(born: int, total: int) -> str:
 def canvas_html(pieces: TokenPieces, ids: Sequence[int], *, mask_id: int,
                 born: Optional[Sequence[int]] = None, new: Optional[Sequence[bool]] = None,
                 total_steps: int = 1, head: str = "", fixed: Optional[Sequence[bool]] = None,
-                state: str = "running") -> str:
-    """Return one canvas row as HTML; `fixed` marks given text (infill) drawn without colour."""
+                state: str = "running", end_id: Optional[int] = None,
+                eos_id: Optional[int] = None) -> str:
+    """Return one canvas row as HTML; `fixed` marks given text (infill) drawn without colour.
+
+    With `end_id` (the EOS of a finished answer) nothing after its first occurrence is drawn:
+    positions past the end of an answer that stopped early are never filled. Otherwise a
+    committed `eos_id` is drawn as a small end mark, so a step that commits only EOS padding
+    (as LLaDA-style models do at the end of an answer first) still shows.
+    """
     parts: List[str] = []
     masked = committed = 0
     first = True
     for pos, token in enumerate(int(i) for i in ids):
+        if end_id is not None and token == end_id:
+            break
         if token == mask_id:
             masked += 1
             parts.append('<span class="ldm-mask" title="masked"></span>')
             first = False
             continue
         text = pieces(token)
+        if token == eos_id and (fixed is None or not fixed[pos]):
+            text = "∎"
         if not text:
-            continue  # special tokens (EOS padding) are not drawn
+            continue  # other special tokens are not drawn
         if first:
             text = text.lstrip()
         first = False
@@ -72,6 +84,8 @@ def canvas_html(pieces: TokenPieces, ids: Sequence[int], *, mask_id: int,
         committed += 1
         step = int(born[pos]) if born is not None else 0
         classes = "ldm-tok ldm-new" if new is not None and new[pos] else "ldm-tok"
+        if token == eos_id:
+            classes += " ldm-eos"
         style = f' style="background:{step_colour(step, total_steps)}"' if step else ""
         parts.append(f'<span class="{classes}"{style} title="step {step}">'
                      f'{html.escape(text)}</span>')

@@ -199,7 +199,8 @@ class Engine:
                 born = tracker.update(payload)
                 html = canvas_html(self.pieces, payload.answer[0].tolist(), mask_id=self.mask_id,
                                    born=born[0].tolist(), new=payload.committed[0].tolist(),
-                                   total_steps=kwargs["steps"], head=step_title(payload))
+                                   total_steps=kwargs["steps"], head=step_title(payload),
+                                   eos_id=self.eos_id)
                 committed = int((payload.answer[0] != self.mask_id).sum())
                 yield Frame(index, html, f"step {tracker.steps} · {payload.nfe} model calls",
                             nfe=payload.nfe, committed=committed)
@@ -222,7 +223,9 @@ class Engine:
             born = tracker.born[0].tolist() if tracker.born is not None else None
             html = canvas_html(self.pieces, ids, mask_id=self.mask_id, born=born,
                                total_steps=kwargs["steps"], head=head,
-                               state="stopped" if kind == "stopped" else "done")
+                               state="stopped" if kind == "stopped" else "done",
+                               end_id=self.eos_id if kind == "done" else None,
+                               eos_id=self.eos_id)
             yield Frame(index, html, stats, text=text, done=True, stopped=kind == "stopped",
                         nfe=nfe, committed=sum(1 for i in ids if i != self.mask_id))
 
