@@ -86,6 +86,7 @@ def wait_for(condition, timeout=30.0):
 def test_chat_streams_growing_canvases_then_the_library_samplers_answer(live):
     from ldm.sampling.render import clean_answer
     from ldm.sampling.sampler import generate
+    from ldm.sampling.settings import SamplerSettings
     from ldm.tokenizer import encode_chat
 
     client = live.client()
@@ -102,9 +103,9 @@ def test_chat_streams_growing_canvases_then_the_library_samplers_answer(live):
     ids = encode_chat(live.tok, [{"role": "user", "content": "the king spoke"}],
                       add_generation_prompt=True)[0]
     engine = live.engine
-    direct = generate(live.base_fn, [ids], mask_id=engine.mask_id, eos_id=engine.eos_id,
-                      special_ids=engine.special_ids, pad_id=engine.pad_id, max_positions=128,
-                      **SMALL)
+    settings = SamplerSettings(**SMALL, max_positions=128)
+    direct = generate(live.base_fn, [ids], settings, mask_id=engine.mask_id,
+                      eos_id=engine.eos_id, special_ids=engine.special_ids, pad_id=engine.pad_id)
     expected = clean_answer(live.tok, direct.tokens[0], engine.mask_id, engine.eos_id)
     conversation = final[0]
     assert [m["role"] for m in conversation] == ["user", "assistant"]
@@ -181,7 +182,7 @@ def test_a_cancelled_request_stops_its_run(live):
         wait_for(lambda: live.engine.running() == 1)
         steps = live.engine.stats["steps"]
         job.cancel()
-        wait_for(lambda: live.engine.running() == 0, timeout=20)
+        wait_for(lambda: live.engine.running() == 0, timeout=40)
     finally:
         live.delay = 0.0
     assert live.engine.stats["steps"] - steps < 40  # far fewer than the 64 it was asked for
@@ -223,7 +224,7 @@ def test_preset_fills_the_settings_from_conf_sampler(live):
 def test_every_preset_file_becomes_a_choice(tmp_path):
     import shutil
 
-    from ldm.serve.settings import load_presets, preset_values, sampler_kwargs
+    from ldm.serve.settings import load_presets, page_sampler, preset_values
 
     for path in (CONF / "sampler").glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
@@ -234,7 +235,8 @@ def test_every_preset_file_becomes_a_choice(tmp_path):
     assert {"llada", "fast", "original", "tiny"} <= set(presets)
     assert preset_values(presets, "tiny")["steps"] == 8
     assert preset_values(presets, "llada", max_new_tokens=16)["steps"] == 16  # follows
-    assert sampler_kwargs(presets, "fast", {"threshold": 0.0})["threshold"] is None
+    assert page_sampler(presets, "fast", {"threshold": 0.0}).threshold is None
+    assert page_sampler(presets, "fast").threshold == 0.9
 
 
 @pytest.mark.slow

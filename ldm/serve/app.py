@@ -14,7 +14,7 @@ import gradio as gr
 from ldm.errors import LdmError
 from ldm.serve.canvas import CSS, empty_canvas
 from ldm.serve.engine import Engine, user_message
-from ldm.serve.settings import PAGE_FIELDS, page_settings, preset_values, sampler_kwargs
+from ldm.serve.settings import PAGE_FIELDS, page_sampler, page_settings, preset_values
 
 REMASKING = ["low_confidence", "random", "margin", "entropy"]
 INFILL_EXAMPLE = "The king [MASK:4] to the queen [MASK:3]."
@@ -24,9 +24,10 @@ def _session(request: Optional[gr.Request]) -> Optional[str]:
     return getattr(request, "session_hash", None)
 
 
-def _settings(presets: Dict[str, Any], preset: str, values: List[Any]) -> Dict[str, Any]:
+def _settings(engine: Engine, presets: Dict[str, Any], preset: str, values: List[Any]):
     try:
-        return sampler_kwargs(presets, preset, dict(zip(PAGE_FIELDS, values)))
+        return page_sampler(presets, preset, dict(zip(PAGE_FIELDS, values)),
+                            max_positions=engine.max_positions)
     except LdmError as err:
         raise gr.Error(user_message(err), print_exception=False) from None
 
@@ -124,14 +125,15 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
             text = (message or "").strip()
             if not text:
                 raise gr.Error("write a message first", print_exception=False)
-            kwargs = _settings(presets, preset, [max_new_tokens, steps, block_length, threshold,
-                                                 temperature, top_p, cfg_scale, remasking])
+            settings = _settings(engine, presets, preset, [
+                max_new_tokens, steps, block_length, threshold, temperature, top_p, cfg_scale,
+                remasking])
             shown = list(conversation or [])
             messages = [*past, {"role": "user", "content": text}]
             shown = [*shown, {"role": "user", "content": text},
                      {"role": "assistant", "content": "…"}]
             try:
-                for frame in engine.answer(messages, [kwargs], _session(request)):
+                for frame in engine.answer(messages, [settings], _session(request)):
                     if not frame.done:
                         yield shown, past, frame.html, frame.stats, ""
                         continue
@@ -148,7 +150,8 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
             if not text:
                 raise gr.Error("write a prompt first", print_exception=False)
             try:
-                runs = [sampler_kwargs(presets, n, max_new_tokens=max_new_tokens)
+                runs = [page_sampler(presets, n, max_new_tokens=max_new_tokens,
+                                     max_positions=engine.max_positions)
                         for n in (name_a, name_b)]
                 out = [empty_canvas(), "", empty_canvas(), ""]
                 for frame in engine.answer([{"role": "user", "content": text}], runs,
@@ -162,10 +165,11 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
 
         def on_infill(text, preset, max_new_tokens, steps, block_length, threshold, temperature,
                       top_p, cfg_scale, remasking, request: gr.Request = None):
-            kwargs = _settings(presets, preset, [max_new_tokens, steps, block_length, threshold,
-                                                 temperature, top_p, cfg_scale, remasking])
+            settings = _settings(engine, presets, preset, [
+                max_new_tokens, steps, block_length, threshold, temperature, top_p, cfg_scale,
+                remasking])
             try:
-                for frame in engine.fill(text or "", kwargs, _session(request)):
+                for frame in engine.fill(text or "", settings, _session(request)):
                     yield frame.html, frame.text or "", frame.stats
             except LdmError as err:
                 raise gr.Error(user_message(err), print_exception=False) from None

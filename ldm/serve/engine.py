@@ -22,8 +22,8 @@ from ldm.sampling.infill import infill
 from ldm.sampling.prompts import check_prompt_text, encode_infill, parse_infill
 from ldm.sampling.render import TokenPieces, clean_answer, step_title
 from ldm.sampling.sampler import LogitsFn, SamplerStep, generate
+from ldm.sampling.settings import SamplerSettings
 from ldm.serve.canvas import CommitTracker, canvas_html
-from ldm.serve.settings import INFILL_ARGS, check_kwargs
 from ldm.tokenizer import chat_token_ids, encode_chat
 
 
@@ -67,6 +67,7 @@ class Engine:
         self._lock = threading.Lock()
         self._running: Dict[str, List[threading.Event]] = {}
         self.stats = {"runs": 0, "finished": 0, "stopped": 0, "steps": 0}
+        self.abandon_after = 10.0  # seconds a step may wait unread before its run is stopped
 
     # --- runs in flight --------------------------------------------------------------------
 
@@ -94,11 +95,17 @@ class Engine:
         channel: "queue.Queue" = queue.Queue(maxsize=2 * len(jobs))
 
         def put(item, final=False):
+            waited = 0.0
             while True:
                 try:
                     channel.put(item, timeout=0.2)
                     return
                 except queue.Full:
+                    waited += 0.2
+                    # A request whose reader went away (a cancelled or dropped event whose
+                    # generator is not closed yet) must not hold the model: stop it.
+                    if waited >= self.abandon_after:
+                        stop.set()
                     if stop.is_set():
                         if final:
                             return  # nobody is reading any more
@@ -171,35 +178,30 @@ class Engine:
             del convo[first:first + 2]
             dropped += 1
 
-    def answer(self, messages: List[Dict[str, str]], runs: Sequence[Dict[str, Any]],
+    def answer(self, messages: List[Dict[str, str]], runs: Sequence[SamplerSettings],
                session: Optional[str] = None) -> Iterator[Frame]:
         """Answer the conversation's last user turn once per settings in `runs`, step by step."""
-        prompts = []
-        for kwargs in runs:
-            ids, _ = self.chat_prompt(messages, kwargs["max_new_tokens"])
-            check_kwargs(kwargs, len(ids), self.max_positions)
-            prompts.append(ids)
+        prompts = [self.chat_prompt(messages, settings.max_new_tokens)[0] for settings in runs]
         trackers = [CommitTracker() for _ in runs]
         latest: List[Optional[SamplerStep]] = [None] * len(runs)
 
-        def job_for(ids, kwargs) -> Job:
+        def job_for(ids, settings) -> Job:
             def job(on_step, generator):
-                return generate(self.model_fn, [ids], mask_id=self.mask_id, eos_id=self.eos_id,
-                                special_ids=self.special_ids, pad_id=self.pad_id,
-                                max_positions=self.max_positions, device=self.device,
-                                generator=generator, record_history=False, on_step=on_step,
-                                **kwargs)
+                return generate(self.model_fn, [ids], settings, mask_id=self.mask_id,
+                                eos_id=self.eos_id, special_ids=self.special_ids,
+                                pad_id=self.pad_id, device=self.device, generator=generator,
+                                record_history=False, on_step=on_step)
             return job
 
-        jobs = [job_for(ids, kwargs) for ids, kwargs in zip(prompts, runs)]
+        jobs = [job_for(ids, settings) for ids, settings in zip(prompts, runs)]
         for index, kind, payload in self._stream(jobs, session):
-            kwargs, tracker = runs[index], trackers[index]
+            settings, tracker = runs[index], trackers[index]
             if kind == "step":
                 latest[index] = payload
                 born = tracker.update(payload)
                 html = canvas_html(self.pieces, payload.answer[0].tolist(), mask_id=self.mask_id,
                                    born=born[0].tolist(), new=payload.committed[0].tolist(),
-                                   total_steps=kwargs["steps"], head=step_title(payload),
+                                   total_steps=settings.steps, head=step_title(payload),
                                    eos_id=self.eos_id)
                 committed = int((payload.answer[0] != self.mask_id).sum())
                 yield Frame(index, html, f"step {tracker.steps} · {payload.nfe} model calls",
@@ -222,7 +224,7 @@ class Engine:
                          f"{tokens / seconds if seconds > 0 else 0.0:.1f} tokens/s")
             born = tracker.born[0].tolist() if tracker.born is not None else None
             html = canvas_html(self.pieces, ids, mask_id=self.mask_id, born=born,
-                               total_steps=kwargs["steps"], head=head,
+                               total_steps=settings.steps, head=head,
                                state="stopped" if kind == "stopped" else "done",
                                end_id=self.eos_id if kind == "done" else None,
                                eos_id=self.eos_id)
@@ -231,7 +233,7 @@ class Engine:
 
     # --- infill ----------------------------------------------------------------------------
 
-    def fill(self, text: str, kwargs: Dict[str, Any], session: Optional[str] = None
+    def fill(self, text: str, settings: SamplerSettings, session: Optional[str] = None
              ) -> Iterator[Frame]:
         """Fill the [MASK:N] spans of `text` step by step; the last frame holds the filled text."""
         template = parse_infill(text, "the infill text")
@@ -239,18 +241,16 @@ class Engine:
         if self.max_positions is not None and len(ids) > self.max_positions:
             raise ConfigError(f"the infill text is {len(ids)} tokens; the model has "
                               f"{self.max_positions} positions: shorten it")
-        if kwargs["steps"] < 1:
-            raise ConfigError(f"steps={kwargs['steps']} must be >= 1")
-        args = {k: kwargs[k] for k in INFILL_ARGS if k in kwargs}
         fixed = [not any(a <= p < b for a, b in ranges) for p in range(len(ids))]
         total = sum(b - a for a, b in ranges)
         tracker = CommitTracker()
         latest: Optional[SamplerStep] = None
 
         def job(on_step, generator):
-            return infill(self.model_fn, [ids], mask_id=self.mask_id, pad_id=self.pad_id,
-                          banned_ids=[*self.special_ids, self.eos_id], generator=generator,
-                          device=self.device, record_history=False, on_step=on_step, **args)
+            return infill(self.model_fn, [ids], settings, mask_id=self.mask_id,
+                          pad_id=self.pad_id, banned_ids=[*self.special_ids, self.eos_id],
+                          generator=generator, device=self.device, record_history=False,
+                          on_step=on_step)
 
         for _, kind, payload in self._stream([job], session):
             if kind == "step":
@@ -259,7 +259,7 @@ class Engine:
                 yield Frame(0, canvas_html(self.pieces, payload.answer[0].tolist(),
                                            mask_id=self.mask_id, born=born[0].tolist(),
                                            new=payload.committed[0].tolist(), fixed=fixed,
-                                           total_steps=min(args["steps"], total),
+                                           total_steps=min(settings.steps, total),
                                            head=step_title(payload)),
                             f"step {tracker.steps} · {payload.nfe} model calls", nfe=payload.nfe)
                 continue
@@ -273,7 +273,7 @@ class Engine:
                          f"{total / seconds if seconds > 0 else 0.0:.1f} tokens/s")
             born = tracker.born[0].tolist() if tracker.born is not None else None
             html = canvas_html(self.pieces, filled, mask_id=self.mask_id, born=born, fixed=fixed,
-                               total_steps=min(args["steps"], total), head=stats,
+                               total_steps=min(settings.steps, total), head=stats,
                                state="stopped" if kind == "stopped" else "done")
             out = self.tok.decode([i for i in filled if i != self.mask_id],
                                   skip_special_tokens=True).strip()

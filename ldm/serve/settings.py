@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ldm.errors import ConfigError
-from ldm.sampling.sampler import generate
-from ldm.sampling.validation import validate_sampler_args
+from ldm.sampling.settings import SamplerSettings
 
 # The settings the page shows; everything else a preset holds (rule, top_k, early_stop, and what
 # later sampler options add) is taken from the chosen preset as it is.
 PAGE_FIELDS = ("max_new_tokens", "steps", "block_length", "threshold", "temperature", "top_p",
                "cfg_scale", "remasking")
-GENERATE_ARGS = frozenset(inspect.signature(generate).parameters)
-VALIDATED_ARGS = frozenset(inspect.signature(validate_sampler_args).parameters) - {
-    "prompt_length", "max_positions"}
-INFILL_ARGS = ("steps", "remasking", "temperature", "top_k", "top_p", "threshold")
 
 
 def load_presets(folder: str | Path) -> Dict[str, Any]:
@@ -65,9 +59,10 @@ def page_settings(preset: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def sampler_kwargs(presets: Dict[str, Any], name: str, values: Optional[Dict[str, Any]] = None,
-                   max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
-    """Return `generate` keyword arguments: preset `name` with the page's `values` on top."""
+def page_sampler(presets: Dict[str, Any], name: str, values: Optional[Dict[str, Any]] = None,
+                 max_new_tokens: Optional[int] = None,
+                 max_positions: Optional[int] = None) -> SamplerSettings:
+    """Return the validated settings of preset `name` with the page's `values` on top."""
     args = preset_values(presets, name, max_new_tokens)
     for key, value in (values or {}).items():
         if key not in PAGE_FIELDS:
@@ -86,10 +81,4 @@ def sampler_kwargs(presets: Dict[str, Any], name: str, values: Optional[Dict[str
         args["threshold"] = None
     if args["top_p"] is not None and args["top_p"] >= 1:
         args["top_p"] = None
-    return {k: v for k, v in args.items() if k in GENERATE_ARGS}
-
-
-def check_kwargs(kwargs: Dict[str, Any], prompt_length: int, max_positions: Optional[int]) -> None:
-    """Raise ConfigError naming the first bad setting (the sampler's own checks)."""
-    validate_sampler_args(prompt_length=prompt_length, max_positions=max_positions,
-                          **{k: v for k, v in kwargs.items() if k in VALIDATED_ARGS})
+    return SamplerSettings.from_config(args, max_positions)

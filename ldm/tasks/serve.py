@@ -13,13 +13,13 @@ import errno
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.errors import ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
+from ldm.errors import ConfigError, LdmError
+from ldm.sampling.settings import SamplerSettings
+from ldm.tokenizer import chat_token_ids
 
 
 def is_loopback(host: str) -> bool:
@@ -64,37 +64,30 @@ def check_serve(cfg: DictConfig) -> None:
                           f"once)")
     if serve.max_queue < 1:
         raise ConfigError(f"serve.max_queue={serve.max_queue} must be >= 1")
-    if cfg.task.device not in DEVICES:
-        raise ConfigError(f"task.device={cfg.task.device!r}; accepted: {', '.join(DEVICES)}")
-    from ldm.sampling.validation import validate_sampler_args
-    from ldm.tasks.sample import sampler_args
+    from ldm.tasks.common import check_device
 
-    args = sampler_args(cfg)
-    args.pop("early_stop")
-    validate_sampler_args(prompt_length=0, **args)
+    check_device(cfg.task.device)
+    SamplerSettings.from_config(cfg.sampler)
 
 
-def sampler_defaults(cfg: DictConfig, export: Optional[str]) -> Any:
+def sampler_start(cfg: DictConfig, export) -> Any:
     """Return the sampler node the page starts with: the command line's, else the export's."""
-    chosen = cfg.sampler
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from ldm.tasks.checkpoints import command_line_overrides
 
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # composed without @hydra.main (tests): take the config as given
-        return chosen
-    if export is None or any(o.lstrip("+~").startswith("sampler") for o in overrides):
-        return chosen
-    saved = Path(export) / "ldm_config.yaml"
-    try:
-        node = OmegaConf.load(saved).get("sampler") if saved.is_file() else None
-    except Exception:  # an export's saved config is informative only; never block serving
-        node = None
-    if not node or "name" not in node:
+    chosen = cfg.sampler
+    overrides = command_line_overrides()
+    if not overrides or any(o.lstrip("+~").startswith("sampler") for o in overrides):
+        return chosen  # chosen on the command line (or composed by a test: taken as given)
+    saved = (export.run_config or {}).get("sampler")
+    if not isinstance(saved, dict) or "name" not in saved:
         return chosen
     try:
-        return OmegaConf.merge(chosen, node)
-    except Exception:  # the export was made with other sampler fields: start from the preset
+        node = OmegaConf.merge(chosen, saved)
+        SamplerSettings.from_config(node, export.max_positions)
+        return node
+    except LdmError:  # saved with settings this version does not take: start from the preset
+        return chosen
+    except Exception:  # noqa: BLE001 - omegaconf merge errors (other fields): same fallback
         return chosen
 
 
@@ -106,38 +99,41 @@ def run(cfg: DictConfig) -> float:
     except ImportError as err:
         raise ConfigError("task=serve needs the serve extra (gradio): pip install -e '.[serve]'"
                           ) from err
-    from ldm.tasks.checkpoints import resolve_checkpoint
-    from ldm.tasks.sample import check_length, pick_device
+    from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
+    from ldm.tasks.common import pick_device
 
-    ckpt = resolve_checkpoint(cfg.checkpoint, "serve")
-    from ldm.tokenizer import chat_token_ids, load_tokenizer
-
-    tok = load_tokenizer(ckpt.where)
+    export = resolve_checkpoint(cfg.checkpoint, "serve")
+    cfg = with_export_groups(cfg, export, groups=("model", "context"))
+    tok = export.load_tokenizer()
     try:
         chat_token_ids(tok)
     except ConfigError as err:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r} has no chat template (no <|user|> / "
                           f"<|assistant|> tokens; a pretraining export?); task=serve chats: pass "
                           f"an SFT export") from err
-    check_length([0], cfg.sampler.max_new_tokens, ckpt.max_positions)
+    start = sampler_start(cfg, export)
+    SamplerSettings.from_config(start, export.max_positions)  # fits this model's positions
     host, port = str(cfg.serve.host), int(cfg.serve.port)
     check_port(host, port)
     device = pick_device(cfg.task.device)
     from ldm.serve.settings import load_presets
 
     presets = load_presets(Path(cfg.paths.root) / "conf" / "sampler")
-    start = sampler_defaults(cfg, None if ckpt.hub else ckpt.where)
     presets[start.name] = start  # the starting preset with its command-line overrides
-    mask_id = ckpt.mask_id if ckpt.mask_id is not None else tok.mask_token_id
+    mask_id = export.mask_id if export.mask_id is not None else tok.mask_token_id
 
+    from ldm.sampling import hf_logits_fn
     from ldm.serve.app import build_app, launch
     from ldm.serve.engine import Engine
-    from ldm.tasks.sample import load_logits_fn
 
-    model_fn = load_logits_fn(cfg, ckpt, len(tok), device)
-    engine = Engine(model_fn, tok, mask_id=mask_id, max_positions=ckpt.max_positions,
-                    device=device, seed=cfg.seed, system=cfg.task.system)
-    demo = build_app(engine, presets, start.name, title=Path(ckpt.where).name,
+    model = export.load_model(dtype=cfg.model.dtype,
+                              attn_implementation=cfg.model.attn_implementation,
+                              trust_remote_code=cfg.model.trust_remote_code,
+                              vocab_size=len(tok), device=device)
+    engine = Engine(hf_logits_fn(model), tok, mask_id=mask_id,
+                    max_positions=export.max_positions, device=device, seed=cfg.seed,
+                    system=cfg.task.system)
+    demo = build_app(engine, presets, start.name, title=Path(export.where).name,
                      concurrency=cfg.serve.concurrency, max_queue=cfg.serve.max_queue)
     if not is_loopback(host):
         print(f"warning: serve.host={host} lets anyone who can reach this machine on port {port} "
@@ -147,7 +143,7 @@ def run(cfg: DictConfig) -> float:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes
     launch(demo, host, port)
-    print(f"serving {ckpt.where} on http://{host}:{port} (Ctrl+C stops)", flush=True)
+    print(f"serving {export.where} on http://{host}:{port} (Ctrl+C stops)", flush=True)
     try:
         demo.block_thread()  # until Ctrl+C
     finally:
