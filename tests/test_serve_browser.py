@@ -163,6 +163,7 @@ def test_closing_the_tab_stops_its_generation(live, browser):
         wait_for(lambda: live.engine.running() == 0, timeout=60)
     finally:
         live.delay = 0.03
-    assert live.engine.stats["stopped"] == before["stopped"] + 1
-    assert live.engine.stats["finished"] == before["finished"]
-    assert live.engine.stats["steps"] - before["steps"] < 96
+    after = live.engine.stats
+    assert after["stopped"] == before["stopped"] + 1, (before, after)
+    assert after["finished"] == before["finished"], (before, after)
+    assert after["steps"] - before["steps"] < 96, (before, after)
