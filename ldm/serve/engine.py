@@ -79,6 +79,10 @@ class Engine:
             event.set()
         return len(events)
 
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.stats[what] += 1
+
     def running(self) -> int:
         """Return the number of runs in flight."""
         with self._lock:
@@ -117,15 +121,16 @@ class Engine:
             def on_step(step: SamplerStep):
                 if stop.is_set():
                     raise Stopped
-                with self._lock:
-                    self.stats["steps"] += 1
+                self._count("steps")
                 put((index, "step", step))
 
             try:
                 generator = torch.Generator(device=torch.device(self.device)).manual_seed(self.seed)
                 result = job(on_step, generator)
+                self._count("finished")
                 put((index, "done", (result, time.perf_counter() - start)), final=True)
             except Stopped:
+                self._count("stopped")
                 put((index, "stopped", time.perf_counter() - start), final=True)
             except BaseException as err:  # shown in the page; the server keeps serving
                 put((index, "error", err), final=True)
@@ -142,8 +147,6 @@ class Engine:
                     raise payload
                 if kind != "step":
                     left -= 1
-                    with self._lock:
-                        self.stats["finished" if kind == "done" else "stopped"] += 1
                 yield index, kind, payload
         finally:
             stop.set()
