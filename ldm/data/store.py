@@ -81,13 +81,16 @@ def clean_stale_temporaries(final: Path) -> None:
 def atomic_folder(final: str | Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces `final` only if the block completes.
 
-    On any error the temporary folder is removed and `final` is left as it was.
+    On any error the temporary folder is removed, `final` is left as it was, and parent folders
+    this call created are removed again (when still empty), so a failed build leaves no trace.
     """
     final = Path(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
     tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    done = False
     try:
         yield tmp
         old = None
@@ -97,9 +100,14 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for parent in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def write_manifest(folder: str | Path, manifest: Dict[str, Any]) -> None:

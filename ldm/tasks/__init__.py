@@ -38,6 +38,9 @@ def dispatch(cfg: DictConfig) -> float:
             raise
         log.debug("task failed", exc_info=True)
         close_progress_bars()
+        from ldm.tasks.common import discard_new_run_folder
+
+        discard_new_run_folder()
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     return float(result) if result is not None else 0.0

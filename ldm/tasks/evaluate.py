@@ -127,7 +127,9 @@ def run(cfg: DictConfig) -> float:
                                heldout_nelbo, synthetic_references)
     from ldm.model import load_model
     from ldm.tasks.common import open_tracker, run_dir
-    from ldm.tasks.prepare import prepare_command, prepared_data_dir
+    from ldm.data.store import read_manifest
+    from ldm.tasks.prepare import (check_prepared_sources, log_data_identity,
+                                   missing_data_message, prepare_command, prepared_data_dir)
     from ldm.tokenizer import load_tokenizer
     from ldm.train.data import chat_collate, packed_collate
 
@@ -136,10 +138,13 @@ def run(cfg: DictConfig) -> float:
     kind = cfg.dataset.kind
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")
+    if read_manifest(data_dir) is None:
+        raise DataError(missing_data_message(cfg, data_dir, command))
     splits, manifest = load_prepared(data_dir, command)
     if manifest.get("kind", "text") != kind or manifest.get("context_length") != cfg.context.length:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
+    check_prepared_sources(cfg, data_dir, manifest, command)
     if ckpt.max_positions is not None and cfg.context.length > ckpt.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds the "
                           f"{ckpt.max_positions} positions of checkpoint={cfg.checkpoint}")
@@ -186,6 +191,7 @@ def run(cfg: DictConfig) -> float:
                           "ldm.fingerprint": manifest.get("fingerprint", ""),
                           "ldm.run_dir": str(folder), "ldm.headline_metric": headline,
                           "ldm.headline_direction": "lower" if lower_better else "higher"})
+        log_data_identity(tracker, data_dir, manifest, "evaluation")
         log.info("evaluating %s on the test split of %s", ckpt.where, data_dir)
         model = load_model("hub" if ckpt.hub else "export", ckpt.where, dtype=cfg.model.dtype,
                            attn_implementation=cfg.model.attn_implementation,

@@ -65,10 +65,22 @@ def sample_hook(cfg: DictConfig):
     return factory
 
 
+def check_eval_sampler(cfg: DictConfig) -> None:
+    """Raise ConfigError for sampler settings the evaluations' sampled answers cannot use."""
+    if cfg.task.eval_samples <= 0:
+        return
+    from ldm.sampling.validation import validate_sampler_args
+
+    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
+    validate_sampler_args(prompt_length=0, **{k: v for k, v in settings.items()
+                                              if k not in ("name", "early_stop")})
+
+
 def run(cfg: DictConfig) -> float:
     """Finetune on chat data and export; return the final held-out answer NELBO per token."""
     from ldm.train.data import chat_collate
 
     return run_training(cfg, kind="chat", normalizer_default="sequence",
                         collate_for=lambda tok: chat_collate(tok.pad_token_id),
-                        on_eval_for=sample_hook(cfg) if cfg.task.eval_samples > 0 else None)
+                        on_eval_for=sample_hook(cfg) if cfg.task.eval_samples > 0 else None,
+                        checks=check_eval_sampler)
