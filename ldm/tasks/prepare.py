@@ -324,7 +324,6 @@ def warn_unknown(manifest: dict) -> None:
                f"token {manifest.get('unk_token')!r}: characters the tokenizer's vocabulary lacks "
                "(e.g. CJK or emoji for an English WordPiece) were lost; use a tokenizer that "
                "covers them (model=modernbert_tiny trains one on the data)")
-    log.warning(message)
     print(message, file=sys.stderr, flush=True)
 
 

@@ -222,9 +222,9 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     from ldm.train.distributed import check_world_size, layers_to_wrap
     from ldm.train.loop import make_accelerator, seed_everything, train, validate
 
-    found = check_training(cfg, kind)
     if checks is not None:
         checks(cfg)
+    found = check_training(cfg, kind)
     data_dir, command = found["data_dir"], found["command"]
     splits, manifest = load_prepared(data_dir, command)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
