@@ -207,6 +207,7 @@ def answer_all(model, tok, jobs: List[dict], settings: Dict[str, Any], *, mask_i
     from tqdm.auto import tqdm
 
     from ldm.data import synthetic
+    from ldm.sampling.decode import never_emitted_ids
     from ldm.sampling.sampler import generate, hf_logits_fn
 
     logits_fn = hf_logits_fn(model)
@@ -223,7 +224,8 @@ def answer_all(model, tok, jobs: List[dict], settings: Dict[str, Any], *, mask_i
 
         began = time.perf_counter()
         result = generate(logits_fn, [j["prompt_ids"] for j in batch], mask_id=mask_id,
-                          eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
+                          eos_id=tok.eos_token_id,
+                          special_ids=never_emitted_ids(tok, model.config.vocab_size),
                           pad_id=tok.pad_token_id,
                           generator=torch.Generator().manual_seed(seed * 1_000_003 + b),
                           max_positions=getattr(model.config, "max_position_embeddings", None),

@@ -189,6 +189,9 @@ class RunFolderLock(Callback):
         if not tracking.is_main_process():
             return
         try:
+            from ldm.tasks.sample import name_sample_run
+
+            name_sample_run(config)
             check_run_name(config.run_name)
             folder = Path(config.hydra.run.dir)
             try:

@@ -7,6 +7,7 @@ prompt is given. Every sample goes to <run dir>/samples.jsonl and to mlflow.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -19,6 +20,37 @@ RENDERS = ("none", "live", "gif")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k",
                   "top_p", "cfg_scale", "threshold", "early_stop", "rule")
+
+
+DEFAULT_RUN_NAME = "${task.name}-${dataset.name}-${model.name}-${context.name}"  # config.yaml
+
+
+def run_name_given(cfg: DictConfig) -> bool:
+    """True when run_name was set (command line, preset) rather than left at config.yaml's default."""
+    return cfg._get_node("run_name")._value() != DEFAULT_RUN_NAME
+
+
+def unique_run_name(checkpoint: Optional[str]) -> str:
+    """Return `sample-<checkpoint's name>-<UTC time>-<random>`: a sample run never reuses a folder."""
+    import re
+    import secrets
+    import time
+
+    name = Path(str(checkpoint)).name if checkpoint and Path(str(checkpoint)).is_dir() \
+        else str(checkpoint or "none")
+    name = re.sub(r"[^A-Za-z0-9._=+@-]+", "_", name).strip("._") or "checkpoint"
+    return f"sample-{name[:120]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-" \
+           f"{secrets.token_hex(2)}"
+
+
+def name_sample_run(cfg: DictConfig) -> None:
+    """Give an unnamed sample run its own name (from the checkpoint + a unique suffix), in place."""
+    from omegaconf import open_dict, read_write
+
+    if cfg.task.name != "sample" or run_name_given(cfg):
+        return
+    with read_write(cfg), open_dict(cfg):
+        cfg.run_name = unique_run_name(cfg.get("checkpoint"))
 
 
 def sampler_args(cfg: DictConfig) -> Dict[str, Any]:
@@ -129,7 +161,7 @@ def run(cfg: DictConfig) -> float:
     from ldm.sampling.prompts import (Prompt, encode_infill, encode_prompt, read_infill,
                                       read_prompts_file)
     from ldm.sampling.session import Session, repl
-    from ldm.tasks.common import open_tracker, run_dir
+    from ldm.tasks.common import mark_work_started, open_tracker, run_dir
     from ldm.tokenizer import load_tokenizer
 
     mode = sample_mode(cfg)
@@ -154,19 +186,20 @@ def run(cfg: DictConfig) -> float:
     check_length([len(ids) for ids, _ in jobs], args["max_new_tokens"], ckpt.max_positions)
     check_length([len(ids) for ids, _ in canvases], 0, ckpt.max_positions)
     device = pick_device(cfg.task.device)
-    folder = run_dir(cfg)
-    (folder / "samples.jsonl").unlink(missing_ok=True)  # a rerun of this run_name starts afresh
+    name_sample_run(cfg)
+    folder = run_dir(cfg)  # samples.jsonl is appended to: a rerun of a run_name keeps the earlier
     settings = OmegaConf.to_container(cfg.sampler, resolve=True)
 
     with open_tracker(cfg) as tracker:
         tracker.set_tags({"ldm.checkpoint": ckpt.where, "ldm.sample_mode": mode,
                           "ldm.run_dir": str(folder)})
         model_fn = load_logits_fn(cfg, ckpt, len(tok), device)
+        mark_work_started()
         extra = {"sampler": settings, "checkpoint": ckpt.where, "seed": cfg.seed}
         with Session(model_fn, tok, mask_id=mask_id, sampler=args, path=folder / "samples.jsonl",
                      batch_size=cfg.task.batch_size, seed=cfg.seed, device=device,
                      render=cfg.render, max_positions=ckpt.max_positions,
-                     record_extra=extra) as session:
+                     record_extra=extra, vocab_size=ckpt.config.get("vocab_size")) as session:
             if mode == "interactive":
                 repl(session, system)
             elif mode == "infill":
@@ -178,7 +211,8 @@ def run(cfg: DictConfig) -> float:
             return 0.0
         summary = session.summary()
         tracker.log_metrics(summary, step=0)
-        tracker.log_artifact(session.path, "samples")
+        tracker.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in session.records),
+                         "samples/samples.jsonl")
         if session.gif is not None:
             tracker.log_artifact(session.save_gif(cfg.out), "render")
             print(f"gif: {cfg.out} ({len(session.gif.frames)} frames)")
