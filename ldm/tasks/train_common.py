@@ -217,7 +217,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     from ldm.tasks.common import (check_run_name, lock_run_folder, mark_work_started,
                                   open_tracker, run_dir)
     from ldm.tasks.prepare import log_data_identity
-    from ldm.tokenizer import load_tokenizer
+    from ldm.tokenizer import chat_encoding_note, load_tokenizer
     from ldm.train import checkpoint as ckpt
     from ldm.train.distributed import check_world_size, layers_to_wrap
     from ldm.train.loop import make_accelerator, seed_everything, train, validate
@@ -253,12 +253,14 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
         layers_to_wrap(model, wrap, f"hardware.accelerate_config={cfg.hardware.accelerate_config}")
     resuming = cfg.task.resume and (cfg.task.resume_from or ckpt.latest_checkpoint(folder))
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    chat_note = chat_encoding_note(tokenizer)
 
     def export(mlm, step: int, state_dict=None) -> Path:
         out = ckpt.export_model(mlm, tokenizer, export_dir, resolved,
                                 {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
                                  "data": str(data_dir), "mask_id": tokenizer.mask_token_id,
-                                 "data_fingerprint": manifest.get("fingerprint")},
+                                 "data_fingerprint": manifest.get("fingerprint"),
+                                 "chat_encoding": chat_note},
                                 state_dict=state_dict)
         tracker.set_tags({"ldm.export": str(out)})
         log.info("exported step %d to %s", step, out)
