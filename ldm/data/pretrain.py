@@ -279,8 +279,9 @@ def build_pretraining_data(
                 raise DataError(
                     f"the {split} split has no complete row of {context_length} tokens "
                     f"({stats[split]['documents']} documents, {stats[split]['tokens']} tokens); "
-                    "use a larger corpus, a shorter context, task.last_row=pad, or change "
-                    "dataset.test_split_pct"
+                    "use a larger corpus, a shorter context, task.last_row=pad, "
+                    "dataset.txt_unit=paragraph (more, smaller documents), or change "
+                    "dataset.test_split_pct or dataset.split_seed (which documents are held out)"
                 )
             size = folder_bytes(tmp / split)
             stats[split]["bytes"] = size

@@ -341,4 +341,5 @@ def _check_kept(stats: Dict[str, Dict[str, Any]], context_length: int, overlong:
         if stats[split]["kept"] == 0:
             raise DataError(f"the {split} split has no example ({stats[split]['examples']} "
                             f"conversations, {stats[split]['dropped_overlong']} dropped as too "
-                            "long); use more data or change dataset.test_split_pct")
+                            "long); use more data, or change dataset.test_split_pct or "
+                            "dataset.split_seed (which conversations are held out)")

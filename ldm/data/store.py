@@ -93,6 +93,7 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
     done = False
     try:
         yield tmp
+        give_umask_modes(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
@@ -108,6 +109,21 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
             for parent in created:  # innermost first
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+
+
+def give_umask_modes(folder: Path) -> None:
+    """Give every file under `folder` the mode a plain new file gets (0666 less the umask).
+
+    Some writers (safetensors, tempfile-based savers) create files 0600; an export or prepared
+    data set is meant to be read like the rest of the folder it sits in.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            with contextlib.suppress(OSError):
+                path.chmod(mode | (path.stat().st_mode & 0o111))
 
 
 def write_manifest(folder: str | Path, manifest: Dict[str, Any]) -> None:
