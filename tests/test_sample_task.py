@@ -67,9 +67,9 @@ def sample(tmp_path, checkpoint, *overrides):
     from ldm.tasks import sample as task
 
     cfg = compose_config(["task=sample", f"checkpoint={checkpoint}", "tracking=off",
-                          "run_name=t", *SMALL, *overrides], outputs=tmp_path / "outputs")
-    metric = task.run(cfg)
-    path = tmp_path / "outputs" / "runs" / "sample" / "t" / "samples.jsonl"
+                          *SMALL, *overrides], outputs=tmp_path / "outputs")
+    metric = task.run(cfg)  # an unnamed run gets a folder of its own
+    path = tmp_path / "outputs" / "runs" / "sample" / cfg.run_name / "samples.jsonl"
     return metric, [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -162,4 +162,4 @@ def test_full_error_shows_the_traceback_for_debugging(world, launcher, tmp_path)
     proc = launcher.run(["task=pretrain", "dataset=local_text", "dataset.paths=[/nowhere.txt]",
                          "tracking=off"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
-    assert "no prepared data" in proc.stderr
+    assert "'/nowhere.txt' does not exist" in proc.stderr
