@@ -214,5 +214,6 @@ CASES = [
     case("sample_without_prompt", SAMPLE, "no prompt given", "interactive=true"),
     case("evaluate_zero_t_grid", [*EVALUATE, "{corpus}", "task.t_grid=0"], "task.t_grid=0",
          ">= 1"),
+    case("prompt_with_an_unquoted_comma", [*SAMPLE, "prompt=Hello, world"],
+         "prompt=Hello, world", "quote the value", kind="hydra"),
 ]
-
