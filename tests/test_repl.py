@@ -24,7 +24,10 @@ def chat_export(tmp_path_factory):
 class FakeSession:
     """Answers from a list; an exception instance in it is raised instead (e.g. Ctrl-C)."""
 
-    max_positions, sampler = 128, {"max_new_tokens": 8}
+    max_positions = 128
+
+    class sampler:  # noqa: N801 - stands in for SamplerSettings
+        max_new_tokens = 8
 
     def __init__(self, answers):
         self.answers, self.seen = list(answers), []

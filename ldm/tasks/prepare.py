@@ -146,10 +146,6 @@ def chat_tokenizer(cfg: DictConfig, conversations):
     trained on the message texts of the training split; starting from a pretraining export
     (init_from) keeps that export's tokenizer, so the token ids agree.
     """
-    if cfg.init_from and Path(cfg.init_from).is_dir():
-        from ldm.train.checkpoint import check_export_compatible
-
-        check_export_compatible(cfg.init_from)
     if cfg.init_from or cfg.model.tokenizer != TRAIN_BPE:
         return load_tokenizer(cfg.init_from or cfg.model.tokenizer)
     import tempfile
@@ -209,6 +205,9 @@ def run(cfg: DictConfig) -> float:
 
     The mlflow run starts once the data is there, so a prepare that fails leaves none behind.
     """
+    from ldm.tasks.checkpoints import with_init_from_model
+
+    cfg = with_init_from_model(cfg)  # an init_from export brings its model group
     validate(cfg)
     if cfg.dataset.kind == "chat":
         return run_chat(cfg)
@@ -226,7 +225,9 @@ def run(cfg: DictConfig) -> float:
     )
     spec = {"source": description, "tokenizer": tok_id, "context": cfg.context.length,
             "split_seed": ds.split_seed, "test_split_pct": ds.test_split_pct,
-            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents}
+            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents,
+            # data prepared before text spelling a special token was kept as text is not reused
+            "special_token_text": "split"}
     fp = store.fingerprint(spec)
     if not cfg.task.force and store.is_reusable(final, fp):
         manifest = store.read_manifest(final)

@@ -77,8 +77,10 @@ def fsdp_layer_names(settings: dict) -> list:
 
 def model_source(cfg: DictConfig) -> tuple[str, Optional[str]]:
     """Return (source, pretrained) for load_model: init_from wins over the model option."""
+    from ldm.hub import is_local
+
     if cfg.init_from:
-        return ("export" if Path(cfg.init_from).is_dir() else "hub"), cfg.init_from
+        return ("export" if is_local(cfg.init_from) else "hub"), cfg.init_from
     return cfg.model.source, cfg.model.pretrained
 
 
@@ -87,10 +89,6 @@ def build_model(cfg: DictConfig, tokenizer):
     from ldm.model import load_model
 
     source, pretrained = model_source(cfg)
-    if source == "export":
-        from ldm.train.checkpoint import check_export_compatible
-
-        check_export_compatible(pretrained)
     arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
     if source == "config":
         # a model built from scratch takes its special ids from the tokenizer it is built for
@@ -157,7 +155,7 @@ def check_masking(masking: DictConfig) -> None:
 
 
 def check_training(cfg: DictConfig, kind: str) -> dict:
-    """Check every setting a training run uses; return {data_dir, manifest, command}.
+    """Check every setting a training run uses; return {cfg, data_dir, manifest, command}.
 
     Runs before the model loads, the mlflow run starts or a folder is written, so a bad value
     costs nothing: config values, the masking schedule, the batch layout, the model's dtype and
@@ -167,6 +165,7 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     from ldm.data.store import read_manifest
     from ldm.errors import DataError
     from ldm.model import check_attn_implementation, resolve_dtype
+    from ldm.tasks.checkpoints import with_init_from_model
     from ldm.tasks.common import check_run_name, check_tracking
     from ldm.tasks.prepare import (check_prepared_sources, missing_data_message, prepare_command,
                                    prepared_data_dir)
@@ -175,6 +174,7 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
 
     check_tracking(cfg)
     check_run_name(cfg.run_name)
+    cfg = with_init_from_model(cfg)  # before anything reads cfg.model
     if cfg.dataset.kind != kind:
         raise ConfigError(f"task={cfg.task.name} trains on kind '{kind}' datasets; dataset="
                           f"{cfg.dataset.name} is kind '{cfg.dataset.kind}'")
@@ -191,8 +191,6 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     accelerate_settings(cfg)
     if cfg.task.resume_from:
         ckpt.read_state(cfg.task.resume_from)
-    if cfg.init_from and Path(cfg.init_from).is_dir():
-        ckpt.check_export_compatible(cfg.init_from)
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.init_from}" if cfg.init_from else "")
     manifest = read_manifest(data_dir)
@@ -202,7 +200,7 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
     check_prepared_sources(cfg, data_dir, manifest, command)
-    return {"data_dir": data_dir, "manifest": manifest, "command": command}
+    return {"cfg": cfg, "data_dir": data_dir, "manifest": manifest, "command": command}
 
 
 def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default: str,
@@ -214,6 +212,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     `checks(cfg)` runs the task's own checks with the common ones, before anything is written.
     """
     from ldm.data.store import load_prepared
+    from ldm.export import write_export
+    from ldm.hub import is_local
     from ldm.tasks.common import (check_run_name, lock_run_folder, mark_work_started,
                                   open_tracker, run_dir)
     from ldm.tasks.prepare import log_data_identity
@@ -225,10 +225,10 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     if checks is not None:
         checks(cfg)
     found = check_training(cfg, kind)
-    data_dir, command = found["data_dir"], found["command"]
+    cfg, data_dir, command = found["cfg"], found["data_dir"], found["command"]
     splits, manifest = load_prepared(data_dir, command)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
-    if cfg.init_from and Path(cfg.init_from).is_dir():
+    if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
     loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
     validate(loop_cfg, cfg.hardware.num_processes)
@@ -256,12 +256,12 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     chat_note = chat_encoding_note(tokenizer)
 
     def export(mlm, step: int, state_dict=None) -> Path:
-        out = ckpt.export_model(mlm, tokenizer, export_dir, resolved,
-                                {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
-                                 "data": str(data_dir), "mask_id": tokenizer.mask_token_id,
-                                 "data_fingerprint": manifest.get("fingerprint"),
-                                 "chat_encoding": chat_note},
-                                state_dict=state_dict)
+        out = write_export(mlm, tokenizer, export_dir, resolved,
+                           {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
+                            "data": str(data_dir), "fingerprint": manifest.get("fingerprint"),
+                            "dataset": cfg.dataset.name, "context": cfg.context.name,
+                            "chat_encoding": chat_note},
+                           state_dict=state_dict)
         tracker.set_tags({"ldm.export": str(out)})
         log.info("exported step %d to %s", step, out)
         return out
