@@ -126,8 +126,11 @@ def run_sample(outputs: Path, checkpoint: Path, *extra: str):
 
     cfg = compose_config(["task=sample", f"checkpoint={checkpoint}", "tracking=off",
                           "prompt=the king", *SMALL, *extra], outputs=outputs)
+    before = set((outputs / "runs" / "sample").glob("*"))
     sample.run(cfg)
-    return cfg.run_name
+    (made,) = set((outputs / "runs" / "sample").glob("*")) - before or {outputs / "runs" / "sample"
+                                                                         / cfg.run_name}
+    return made.name
 
 
 def test_unnamed_sample_runs_get_their_own_folder_named_after_the_checkpoint(
