@@ -203,6 +203,13 @@ def test_chat_mixture_prepares_with_realised_shares_in_manifest_and_mlflow(tmp_p
         assert abs(real["sources"][name]["proportion"] - target) < 0.05, (name, real)
     assert [m["weight"] for m in manifest["source"]["mixture"]] == [2.0, 1.0, 1.0]
     assert "realised" in proc.stdout
+    from ldm.data.identity import differences
+    from ldm.tasks.prepare import source_description
+
+    named = source_description(compose_config(["dataset=mixture_chat", mix]))
+    assert differences(named, manifest["source"]) is None  # a later run names the same sources
+    reweighted = source_description(compose_config(["dataset=mixture_chat", mix.replace("weight: 2", "weight: 5")]))
+    assert differences(reweighted, manifest["source"]) == "mixture.0.weight=5.0, not 2.0"
     run = find_runs(local_store_uri(outputs), "prepare")[0]
     metric = f"mixture.hub_{mixture.metric_name(str(hub_like))}.proportion"
     assert run.data.metrics[metric] == pytest.approx(real["sources"][f"hub:{hub_like}"]["proportion"])
