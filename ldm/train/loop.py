@@ -3,6 +3,12 @@
 accelerate drives devices, mixed precision and gradient accumulation (no all-reduce on the
 accumulation micro-steps); which rows a step reads and how they are masked are pure functions of
 (seed, step, micro-batch, rank), so a resumed run continues exactly where it stopped.
+
+Skipped steps: a step whose update is not applied (a non-finite loss or gradient norm skipped
+under task.skip_nonfinite=true, or an fp16 loss-scale overflow the GradScaler skips) still counts
+towards max_steps (its checkpoint and export happen) but does not advance the lr schedule, which
+therefore follows the updates actually made: after k skipped steps the run ends k steps short of
+the schedule's end. Both kinds are counted in mlflow (skipped_steps, scaler_skipped_steps).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ldm.faults import kill_point
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
-from ldm.train.distributed import export_main, fit_sharding
+from ldm.train.distributed import check_deepspeed, export_main, fit_sharding, keep_fp32_buffers
 from ldm.train.objective import check_normalizer, diffusion_step
 
 log = logging.getLogger(__name__)
@@ -122,8 +128,11 @@ def make_accelerator(cfg: LoopConfig):
 
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"hardware.mixed_precision={cfg.mixed_precision!r}; accepted: no, bf16, fp16")
-    return Accelerator(gradient_accumulation_steps=cfg.accumulation, cpu=cfg.cpu,
-                       mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.accumulation, cpu=cfg.cpu,
+                              mixed_precision=cfg.mixed_precision,
+                              step_scheduler_with_optimizer=False)
+    check_deepspeed(accelerator.distributed_type, cfg.skip_nonfinite)
+    return accelerator
 
 
 def validate(cfg: LoopConfig, processes: int) -> None:
@@ -158,7 +167,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     fit_sharding(accelerator, model, cfg)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    with keep_fp32_buffers(model):  # DeepSpeed bf16 casts buffers too
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     sharded = accelerator.distributed_type == "FSDP"
     if sharded and on_eval is not None:
         log.warning("FSDP: the evaluation hook (e.g. sampled answers) is skipped while training; "
@@ -167,7 +177,11 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     # with weights_only=False; its whole state is the number of optimizer steps taken, saved in
     # trainer_state.json (the optimizer's own state restores the current lr).
 
-    state = {"tokens_seen": 0, "skipped_steps": 0, "scheduler_steps": 0, **cfg.extra_state}
+    state = {"tokens_seen": 0, "skipped_steps": 0, "scaler_skipped_steps": 0, "scheduler_steps": 0,
+             **cfg.extra_state}
+    # fp16 (not under DeepSpeed, whose engine scales the loss itself): every update goes through
+    # torch's GradScaler, inside optimizer.step()
+    scaler = getattr(accelerator, "scaler", None)
     start = 0
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
@@ -186,8 +200,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
                            "it was saved by a different architecture or vocabulary") from err
         start = int(saved["step"])
-        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scheduler_steps")
-                      if k in saved})
+        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
+                                            "scheduler_steps") if k in saved})
         scheduler.last_epoch = int(state["scheduler_steps"])
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         log.info("resumed from %s at step %d", source, start)
@@ -238,7 +252,11 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             # DeepSpeed clips inside its engine and may report no norm
             norm = float("nan") if grad_norm is None else float(grad_norm)
             done = step + 1
-            if not (math.isfinite(float(step_loss)) and (grad_norm is None or math.isfinite(norm))):
+            loss_ok = math.isfinite(float(step_loss))
+            # under fp16 an infinite gradient norm is an ordinary loss-scale overflow: the scaler
+            # skips that update and lowers the scale, so it is not a failure of the run
+            norm_ok = grad_norm is None or math.isfinite(norm) or scaler is not None
+            if not (loss_ok and norm_ok):
                 if not cfg.skip_nonfinite:
                     last = ckpt.latest_checkpoint(run_dir)
                     raise LdmError(
@@ -248,20 +266,37 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                     )
                 # skipped: no update, but the step still counts, so its checkpoint/export happen
                 optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    # the gradients were unscaled for clipping; the scaler must close this step
+                    # (as after an overflow, with a lower scale) or the next unscale_ fails
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
                 state["skipped_steps"] += 1
                 log.warning("non-finite loss or gradient norm at step %d: step skipped, weights "
-                            "unchanged (%d skipped so far)", done, state["skipped_steps"])
-                tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=done)
+                            "unchanged, lr schedule not advanced (%d skipped so far)", done,
+                            state["skipped_steps"])
+                if accelerator.is_main_process:
+                    tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=done)
             else:
+                scale = scaler.get_scale() if scaler is not None else None
                 optimizer.step()
-                scheduler.step()
-                state["scheduler_steps"] += 1
                 optimizer.zero_grad(set_to_none=True)
-                state["tokens_seen"] += tokens
-                window["loss"] += float(step_loss)
-                window["masked"] += float(step_masked)
-                window["steps"] += 1
-                window["tokens"] += tokens
+                if _update_skipped(optimizer, scaler, scale):
+                    # fp16 overflow (torch's GradScaler or DeepSpeed's loss scaler): no update was
+                    # made, so, like every skipped step, it does not advance the lr schedule
+                    state["scaler_skipped_steps"] += 1
+                    log.info("fp16 loss-scale overflow at step %d: update skipped, loss scale "
+                             "lowered (%d so far)", done, state["scaler_skipped_steps"])
+                    if accelerator.is_main_process:
+                        tracker.log_metrics({"scaler_skipped_steps": state["scaler_skipped_steps"],
+                                             "loss_scale": _loss_scale(scaler)}, step=done)
+                else:
+                    scheduler.step()
+                    state["scheduler_steps"] += 1
+                    state["tokens_seen"] += tokens
+                    window["loss"] += float(step_loss)
+                    window["masked"] += float(step_masked)
+                    window["steps"] += 1
+                    window["tokens"] += tokens
             bar.update(1)
             if window["steps"] and (done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps):
                 elapsed = time.perf_counter() - window["time"]
@@ -296,8 +331,26 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             accelerator.wait_for_everyone()
     finally:
         bar.close()
-    final.update({"tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"]})
+    final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
+                                        "scheduler_steps")})
     return final
+
+
+def _update_skipped(optimizer, scaler, scale_before: Optional[float]) -> bool:
+    """Return True when the fp16 loss scaler skipped the update optimizer.step() just asked for.
+
+    torch's GradScaler lowers its scale exactly when it finds inf/nan gradients. accelerate's
+    `step_was_skipped` cannot tell for a fused AdamW, which the scaler always calls (the kernel
+    itself skips the update), so the scale is compared instead; DeepSpeed reports its overflow.
+    """
+    if scaler is not None:
+        return scaler.get_scale() < scale_before
+    return bool(getattr(optimizer, "step_was_skipped", False))
+
+
+def _loss_scale(scaler) -> float:
+    """Return the current fp16 loss scale (nan when the scaler is DeepSpeed's, inside its engine)."""
+    return float(scaler.get_scale()) if scaler is not None else float("nan")
 
 
 def evaluate(wrapped, eval_data, collate: Collate, cfg: LoopConfig, device) -> Dict[str, float]:
