@@ -1,0 +1,93 @@
+"""Choices made for GPUs, checked on CPU: attention implementation, padded vocabulary, per-layer
+compilation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, BertConfig, ModernBertConfig
+
+from ldm import model as model_module
+from ldm.errors import ConfigError
+from ldm.model import SparseMaskedLM, load_model, maybe_compile, padded_vocab, resolve_attention
+from ldm.train.objective import diffusion_step
+
+
+def _flash_installed(monkeypatch, installed: bool):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(model_module.importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "flash_attn"
+                        else real(name, *a))
+
+
+def test_auto_attention_is_flash_on_cuda_in_half_precision_when_flash_attn_is_installed(monkeypatch):
+    _flash_installed(monkeypatch, True)
+    assert resolve_attention("auto", "cuda", half_precision=True) == "flash_attention_2"
+    assert resolve_attention("auto", "cuda", half_precision=False) == "sdpa", "no fp32 flash kernel"
+    assert resolve_attention("auto", "cpu", half_precision=True) == "sdpa"
+    assert resolve_attention("sdpa", "cuda", half_precision=True) == "sdpa", "an override stays"
+    assert resolve_attention("eager", "cuda", half_precision=True) == "eager"
+    _flash_installed(monkeypatch, False)
+    assert resolve_attention("auto", "cuda", half_precision=True) == "sdpa"
+    with pytest.raises(ConfigError, match="flash_attn"):
+        resolve_attention("flash_attention_2", "cuda", half_precision=True)
+
+
+def test_unknown_attention_is_refused_naming_auto():
+    with pytest.raises(ConfigError, match="'flash'.*auto"):
+        resolve_attention("flash", "cpu")
+
+
+def _tiny(family: str, vocab: int):
+    torch.manual_seed(0)
+    if family == "bert":
+        config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, vocab_size=vocab, max_position_embeddings=64,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    else:
+        config = ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=vocab, max_position_embeddings=64,
+                                  local_attention=8, global_attn_every_n_layers=3, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_vocabulary_grown_for_chat_tokens_is_padded_to_a_multiple_of_64_and_reloads_as_is(
+        family, tmp_path):
+    _tiny(family, 128).save_pretrained(tmp_path / "base")
+    grown = load_model("export", str(tmp_path / "base"), vocab_size=128 + 4)  # + chat tokens
+    assert grown.get_input_embeddings().num_embeddings == padded_vocab(132) == 192
+    assert grown.get_output_embeddings().weight.shape[0] == 192
+    grown.save_pretrained(tmp_path / "export")
+    again = load_model("export", str(tmp_path / "export"), vocab_size=132)
+    assert again.get_input_embeddings().num_embeddings == 192, "an export's padding is kept"
+    unchanged = load_model("export", str(tmp_path / "base"), vocab_size=128)
+    assert unchanged.get_input_embeddings().num_embeddings == 128, "no resize, no padding"
+
+
+def _loss_and_grads(model, ids):
+    gen = torch.Generator().manual_seed(0)
+    loss, _ = diffusion_step(SparseMaskedLM(model), ids, None, None, "linear", "uniform", 1e-3,
+                             4, "token", generator=gen, sparse=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_per_layer_compiled_model_gives_the_eager_loss_and_gradients(family):
+    model = _tiny(family, 100).train()
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    eager_loss, eager_grads = _loss_and_grads(model, ids)
+    maybe_compile(model, True)
+    compiled_loss, compiled_grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
