@@ -203,6 +203,11 @@ def test_fsdp_run_killed_and_resumed_from_sharded_checkpoints_exports_the_ddp_we
     ddp_loss, fsdp_loss = _history(outputs, "two"), _history(outputs, "fsdp")
     for (_, x), (_, y) in zip(ddp_loss, fsdp_loss):
         assert x == pytest.approx(y, rel=1e-5)
+    # the attention implementation "auto" chose is in the run log and the mlflow params
+    assert "attention: sdpa (model.attn_implementation=auto" in \
+        (outputs / "runs" / "pretrain" / "fsdp" / "run.log").read_text()
+    run = [r for r in find_runs(local_store_uri(outputs), "pretrain") if r.info.run_name == "fsdp"][0]
+    assert run.data.params["attention"] == "sdpa" and run.data.tags["ldm.attention"] == "sdpa"
 
 
 ACCUMULATION_PROBE = '''

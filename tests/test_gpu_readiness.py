@@ -4,6 +4,7 @@ compilation."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,30 @@ def test_per_layer_compiled_model_gives_the_eager_loss_and_gradients(family):
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6,
                                    msg=name)
+
+
+def _throughput_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "train_throughput", Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, label, bf16", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12), ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835e12), ("NVIDIA H200", "H200", 989e12),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB", 312e12), ("NVIDIA A100 80GB PCIe", "A100 80GB", 312e12),
+])
+def test_benchmark_peak_is_the_exact_cards(name, label, bf16):
+    assert _throughput_benchmark().card_peak(name, "bf16") == (label, bf16)
+
+
+def test_benchmark_counts_sliding_window_layers_at_their_window():
+    bench = _throughput_benchmark()
+    assert bench.card_peak("NVIDIA L4", "bf16") == (None, None), "unknown cards need --peak-tflops"
+    large = ModernBertConfig(num_hidden_layers=28, global_attn_every_n_layers=3,
+                             local_attention=128)
+    keys = bench.attended_keys(large, 1024)
+    assert keys.count(128) == 18 and keys.count(1024) == 10
+    assert bench.attended_keys(BertConfig(num_hidden_layers=4), 256) == [256] * 4
