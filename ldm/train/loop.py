@@ -4,11 +4,8 @@ accelerate drives devices, mixed precision and gradient accumulation (no all-red
 accumulation micro-steps); which rows a step reads and how they are masked are pure functions of
 (seed, step, micro-batch, rank), so a resumed run continues exactly where it stopped.
 
-Skipped steps: a step whose update is not applied (a non-finite loss or gradient norm skipped
-under task.skip_nonfinite=true, or an fp16 loss-scale overflow the GradScaler skips) still counts
-towards max_steps (its checkpoint and export happen) but does not advance the lr schedule, which
-therefore follows the updates actually made: after k skipped steps the run ends k steps short of
-the schedule's end. Both kinds are counted in mlflow (skipped_steps, scaler_skipped_steps).
+Skipped steps (see ldm/train/update.py) still count towards max_steps but do not advance the
+lr schedule.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
 from ldm.train.distributed import check_deepspeed, export_main, fit_sharding, keep_fp32_buffers
+from ldm.train.update import apply_update
 from ldm.train.objective import check_normalizer, diffusion_step
 
 log = logging.getLogger(__name__)
@@ -179,9 +177,6 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
 
     state = {"tokens_seen": 0, "skipped_steps": 0, "scaler_skipped_steps": 0, "scheduler_steps": 0,
              **cfg.extra_state}
-    # fp16 (not under DeepSpeed, whose engine scales the loss itself): every update goes through
-    # torch's GradScaler, inside optimizer.step()
-    scaler = getattr(accelerator, "scaler", None)
     start = 0
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
@@ -252,51 +247,15 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             # DeepSpeed clips inside its engine and may report no norm
             norm = float("nan") if grad_norm is None else float(grad_norm)
             done = step + 1
-            loss_ok = math.isfinite(float(step_loss))
-            # under fp16 an infinite gradient norm is an ordinary loss-scale overflow: the scaler
-            # skips that update and lowers the scale, so it is not a failure of the run
-            norm_ok = grad_norm is None or math.isfinite(norm) or scaler is not None
-            if not (loss_ok and norm_ok):
-                if not cfg.skip_nonfinite:
-                    last = ckpt.latest_checkpoint(run_dir)
-                    raise LdmError(
-                        f"non-finite loss ({float(step_loss)}) or gradient norm at step {done}; "
-                        f"stopped. Resume point: {last or 'none (no checkpoint yet)'}. Lower task.lr "
-                        "or check the data, or set task.skip_nonfinite=true to skip such steps"
-                    )
-                # skipped: no update, but the step still counts, so its checkpoint/export happen
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    # the gradients were unscaled for clipping; the scaler must close this step
-                    # (as after an overflow, with a lower scale) or the next unscale_ fails
-                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-                state["skipped_steps"] += 1
-                log.warning("non-finite loss or gradient norm at step %d: step skipped, weights "
-                            "unchanged, lr schedule not advanced (%d skipped so far)", done,
-                            state["skipped_steps"])
-                if accelerator.is_main_process:
-                    tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=done)
-            else:
-                scale = scaler.get_scale() if scaler is not None else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if _update_skipped(optimizer, scaler, scale):
-                    # fp16 overflow (torch's GradScaler or DeepSpeed's loss scaler): no update was
-                    # made, so, like every skipped step, it does not advance the lr schedule
-                    state["scaler_skipped_steps"] += 1
-                    log.info("fp16 loss-scale overflow at step %d: update skipped, loss scale "
-                             "lowered (%d so far)", done, state["scaler_skipped_steps"])
-                    if accelerator.is_main_process:
-                        tracker.log_metrics({"scaler_skipped_steps": state["scaler_skipped_steps"],
-                                             "loss_scale": _loss_scale(scaler)}, step=done)
-                else:
-                    scheduler.step()
-                    state["scheduler_steps"] += 1
-                    state["tokens_seen"] += tokens
-                    window["loss"] += float(step_loss)
-                    window["masked"] += float(step_masked)
-                    window["steps"] += 1
-                    window["tokens"] += tokens
+            applied = apply_update(accelerator, optimizer, scheduler, state, loss=float(step_loss),
+                                   grad_norm=grad_norm, step=done, skip_nonfinite=cfg.skip_nonfinite,
+                                   run_dir=run_dir, tracker=tracker)
+            if applied:
+                state["tokens_seen"] += tokens
+                window["loss"] += float(step_loss)
+                window["masked"] += float(step_masked)
+                window["steps"] += 1
+                window["tokens"] += tokens
             bar.update(1)
             if window["steps"] and (done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps):
                 elapsed = time.perf_counter() - window["time"]
@@ -334,23 +293,6 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
                                         "scheduler_steps")})
     return final
-
-
-def _update_skipped(optimizer, scaler, scale_before: Optional[float]) -> bool:
-    """Return True when the fp16 loss scaler skipped the update optimizer.step() just asked for.
-
-    torch's GradScaler lowers its scale exactly when it finds inf/nan gradients. accelerate's
-    `step_was_skipped` cannot tell for a fused AdamW, which the scaler always calls (the kernel
-    itself skips the update), so the scale is compared instead; DeepSpeed reports its overflow.
-    """
-    if scaler is not None:
-        return scaler.get_scale() < scale_before
-    return bool(getattr(optimizer, "step_was_skipped", False))
-
-
-def _loss_scale(scaler) -> float:
-    """Return the current fp16 loss scale (nan when the scaler is DeepSpeed's, inside its engine)."""
-    return float(scaler.get_scale()) if scaler is not None else float("nan")
 
 
 def evaluate(wrapped, eval_data, collate: Collate, cfg: LoopConfig, device) -> Dict[str, float]:
