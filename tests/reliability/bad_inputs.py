@@ -133,4 +133,9 @@ CASES = [
     case("resume_other_architecture",
          [*PRETRAIN, "model.arch.hidden_size=48", "task.resume_from={ckpt}"],
          "step-0000002", "architecture"),
+    # removed: nothing read it (the loop has no DataLoader)
+    case("removed_dataloader_workers", [*PRETRAIN, "hardware.dataloader_workers=4"],
+         "dataloader_workers", kind="hydra"),
+    case("unknown_attention_names_auto", [*PRETRAIN, "model.attn_implementation=xformers"],
+         "'xformers'", "auto"),
 ]
