@@ -81,7 +81,9 @@ class TrainTaskConfig(TaskConfig):
     export_every: int = 0  # 0 = only at the end
     resume: bool = True  # continue from the latest checkpoint of this run_name
     resume_from: Optional[str] = None  # a specific checkpoint folder
-    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+    # skip (and count) steps with a non-finite loss instead of stopping; a skipped step, like an
+    # fp16 loss-scale overflow, does not advance the lr schedule (refused under DeepSpeed)
+    skip_nonfinite: bool = False
     sparse_logits: bool = True  # logits only at masked positions
     eval_samples: int = 4  # sft: held-out prompts answered with the sampler at each evaluation
 

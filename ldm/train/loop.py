@@ -28,8 +28,8 @@ from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
 from ldm.train.distributed import check_deepspeed, export_main, fit_sharding, keep_fp32_buffers
-from ldm.train.update import apply_update
 from ldm.train.objective import check_normalizer, diffusion_step
+from ldm.train.update import apply_update
 
 log = logging.getLogger(__name__)
 
