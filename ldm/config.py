@@ -145,7 +145,6 @@ class ModelConfig:
     dtype: str = "float32"
     dropout: Optional[float] = None  # set every dropout probability; null = the checkpoint's
     gradient_checkpointing: bool = False
-    compile: bool = False
     trust_remote_code: bool = False
 
 
@@ -223,6 +222,7 @@ class HardwareConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    compile: bool = False  # torch.compile each encoder layer (per layer: DDP/FSDP2 overlap stays)
     # no dataloader_workers: the loop gathers each micro-batch from the memory-mapped arrow rows in
     # the training process (no DataLoader), which costs microseconds per step
     accelerate_config: Optional[str] = None

@@ -47,7 +47,7 @@ def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopC
         normalizer=masking.normalizer or task.normalizer or normalizer_default, seed=cfg.seed,
         mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
         skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
-        compile=cfg.model.compile,
+        compile=cfg.hardware.compile,
     )
 
 

@@ -138,4 +138,7 @@ CASES = [
          "dataloader_workers", kind="hydra"),
     case("unknown_attention_names_auto", [*PRETRAIN, "model.attn_implementation=xformers"],
          "'xformers'", "auto"),
+    # moved to hardware.compile (a property of the machine, like mixed precision)
+    case("compile_is_a_hardware_option", [*PRETRAIN, "model.compile=true"], "compile",
+         kind="hydra"),
 ]
