@@ -28,9 +28,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 HALF_DTYPES = ("bfloat16", "float16")
 # Grown embeddings get a row count that is a multiple of this: GPU matmuls over the vocabulary
-# (the decoder, its gradient) run on aligned tiles. Rows past len(tokenizer) are never targets
-# and the sampler bans every id >= len(tokenizer), so they are never produced.
+# (the decoder, its gradient) run on aligned tiles. Rows past len(tokenizer) are no token: they
+# are never targets and get a decoder bias that leaves them no probability (silence_padding_rows).
 VOCAB_MULTIPLE = 64
+PADDING_BIAS = -1e4  # decoder bias of padding rows: exp(-1e4) is 0 even in float64; fits fp16
 
 # Heads that an MLM model has no place for, by construction: BertForMaskedLM is built without a
 # pooler, and the NSP head of a BertForPreTraining checkpoint is a different task. Dropping them
@@ -164,6 +165,22 @@ def resolve_attention(name: str, device: Optional[str] = None, half_precision: b
     if device == "cuda" and half_precision and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def silence_padding_rows(model: nn.Module, vocab_size: int) -> None:
+    """Give the decoder rows past `vocab_size` a bias of PADDING_BIAS: they get no probability.
+
+    They are no token, so no target ever raises them; with this bias their softmax probability
+    is 0 in float32 from the first step (their gradient too, so training leaves them there) and
+    no sampler temperature brings them near a real token, whatever ids a caller bans. It also
+    keeps them out of the loss's normaliser from the first step.
+    """
+    decoder = model.get_output_embeddings()
+    bias = getattr(decoder, "bias", None)
+    if bias is None or bias.shape[0] <= vocab_size:
+        return
+    with torch.no_grad():
+        bias[vocab_size:] = PADDING_BIAS
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -354,6 +371,7 @@ def load_model(
     if vocab_size is not None and rows not in (vocab_size, padded_vocab(vocab_size)):
         # resize_token_embeddings re-ties a tied decoder (weight and bias) to the new matrix.
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+        silence_padding_rows(model, vocab_size)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with torch.compile.
         # transformers 5.x renamed gradient_* to activation_checkpointing_* (old names warn).

