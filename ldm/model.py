@@ -9,6 +9,8 @@ the largest activation of the whole model for a 50k vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import importlib.util
 import logging
@@ -240,6 +242,20 @@ def set_dropout(config, p: Optional[float]) -> None:
             setattr(config, key, float(p))
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and tied-weights warning while loading: ldm checks the
+    missing and unexpected keys itself (check_loading_info) and names what it accepts."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin: str):
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -254,7 +270,9 @@ def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        with quiet_transformers():
+            model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True,
+                                                               **kwargs)
     except SafetensorError as err:
         raise LdmError(f"{origin}: model.safetensors cannot be read ({err}); the file is damaged "
                        "or incomplete: export or download it again") from err
@@ -370,7 +388,8 @@ def load_model(
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size is not None and rows not in (vocab_size, padded_vocab(vocab_size)):
         # resize_token_embeddings re-ties a tied decoder (weight and bias) to the new matrix.
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+        with quiet_transformers():  # its note on how new rows are initialised is not news
+            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
         silence_padding_rows(model, vocab_size)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with torch.compile.
