@@ -147,3 +147,8 @@ def test_padded_embedding_rows_are_never_sampled(family, tmp_path):
                       pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
     assert int(result.answer.max()) < len(tok), "a padding row was sampled"
     assert min(result.committed) > 0
+    # and the tasks' banned set (read from the config's vocab_size) names them too
+    from ldm.sampling.decode import never_emitted_ids
+
+    assert model.config.vocab_size == rows
+    assert set(range(len(tok), rows)) <= set(never_emitted_ids(tok, model.config.vocab_size))
