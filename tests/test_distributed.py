@@ -352,12 +352,13 @@ def test_missing_accelerate_config_file_is_refused(prepared):
     assert "hardware.accelerate_config=accelerate_configs/nope.yaml" in line
 
 
-def test_ranks_other_than_0_write_no_hydra_files_into_the_shared_run_folder(tmp_path):
-    env = {"RANK": "1", "LOCAL_RANK": "1"}
-    run_cli([*TRAIN, "dataset.paths=[/x.txt]", "run_name=rank1", "tracking=off"], tmp_path,
-            env_extra=env)
-    run_cli([*TRAIN, "dataset.paths=[/x.txt]", "run_name=rank0", "tracking=off"], tmp_path)
-    rank1, rank0 = (tmp_path / "runs" / "pretrain" / name for name in ("rank1", "rank0"))
+def test_ranks_other_than_0_write_no_hydra_files_into_the_shared_run_folder(prepared):
+    # a run folder is made only once every check passed, so these runs train (one step)
+    outputs, paths = prepared
+    short = [*TRAIN, *ONE, paths, "task.max_steps=1", "task.save_every=0", "tracking=off"]
+    run_cli([*short, "run_name=rank1"], outputs, env_extra={"RANK": "1", "LOCAL_RANK": "1"})
+    run_cli([*short, "run_name=rank0"], outputs)
+    rank1, rank0 = (outputs / "runs" / "pretrain" / name for name in ("rank1", "rank0"))
     assert rank1.is_dir(), "every rank uses the one named run folder"
     assert (rank0 / ".hydra" / "config.yaml").is_file() and (rank0 / "run.log").is_file()
     assert not (rank1 / ".hydra").exists() and not (rank1 / "run.log").exists()
