@@ -47,7 +47,7 @@ def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopC
         normalizer=masking.normalizer or task.normalizer or normalizer_default, seed=cfg.seed,
         mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
         skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
-        compile=cfg.model.compile,
+        compile=cfg.hardware.compile,
     )
 
 
@@ -84,8 +84,12 @@ def model_source(cfg: DictConfig) -> tuple[str, Optional[str]]:
     return cfg.model.source, cfg.model.pretrained
 
 
-def build_model(cfg: DictConfig, tokenizer):
-    """Load or build the masked LM named by the config, sized to the tokenizer."""
+def build_model(cfg: DictConfig, tokenizer, attn_implementation: Optional[str] = None):
+    """Load or build the masked LM named by the config, sized to the tokenizer.
+
+    `attn_implementation` replaces model.attn_implementation (the task resolves "auto" for the
+    device and precision it trains on).
+    """
     from ldm.model import load_model
 
     source, pretrained = model_source(cfg)
@@ -100,8 +104,8 @@ def build_model(cfg: DictConfig, tokenizer):
         arch=arch, vocab_size=len(tokenizer),
         max_positions=cfg.model.max_positions if source == "config" else None,
         missing_keys_ok=list(cfg.model.missing_keys_ok) if source == cfg.model.source else [],
-        attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        attn_implementation=attn_implementation or cfg.model.attn_implementation,
+        dtype=cfg.model.dtype, gradient_checkpointing=cfg.model.gradient_checkpointing,
         trust_remote_code=cfg.model.trust_remote_code, dropout=cfg.model.dropout,
     )
     for name in ("pad_token_id", "eos_token_id", "mask_token_id"):
@@ -248,13 +252,20 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
                     "with `accelerate launch --config_file %s run.py ...`",
                     cfg.hardware.accelerate_config, launch["distributed_type"],
                     accelerator.distributed_type, cfg.hardware.accelerate_config)
+    from ldm.model import HALF_DTYPES, resolve_attention
+
+    attention = resolve_attention(
+        cfg.model.attn_implementation, accelerator.device.type,
+        half_precision=loop_cfg.mixed_precision in ("bf16", "fp16") or cfg.model.dtype in HALF_DTYPES)
     export_dir = Path(cfg.paths.models) / check_run_name(cfg.run_name)
     check_writable(export_dir.parent, "the export folder")
     folder = run_dir(cfg)
     lock = lock_run_folder(folder) if accelerator.is_main_process else None  # noqa: F841
 
     seed_everything(cfg.seed)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, attn_implementation=attention)
+    log.info("attention: %s (model.attn_implementation=%s, device %s)", attention,
+             cfg.model.attn_implementation, accelerator.device.type)
     wrap = fsdp_layer_names(launch)
     if wrap:  # the launched plugin is checked again in train(); this names the preset's file
         layers_to_wrap(model, wrap, f"hardware.accelerate_config={cfg.hardware.accelerate_config}")
@@ -276,9 +287,10 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     with open_tracker(cfg, resume_run_id=previous_mlflow_run(folder) if resuming else None) as tracker:
         if accelerator.is_main_process:
             remember_mlflow_run(folder, tracker.run_id)
-            tracker.set_tags({"ldm.run_dir": str(folder)})
-            if not resuming:
+            tracker.set_tags({"ldm.run_dir": str(folder), "ldm.attention": attention})
+            if not resuming:  # an mlflow param cannot change; a resumed run may run elsewhere
                 log_data_identity(tracker, data_dir, manifest, "training")
+                tracker.log_params({"attention": attention})
         on_eval = on_eval_for(tokenizer, splits["test"], tracker) if on_eval_for else None
         mark_work_started()
         final = train(model, tokenizer, splits["train"], splits["test"], collate_for(tokenizer),

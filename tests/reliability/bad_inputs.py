@@ -233,6 +233,14 @@ CASES = [
          "divide"),
     case("serve_zero_concurrency", [*SERVE, "serve.concurrency=0"], "serve.concurrency=0",
          ">= 1"),
+    # removed: nothing read it (the loop has no DataLoader)
+    case("removed_dataloader_workers", [*PRETRAIN, "hardware.dataloader_workers=4"],
+         "dataloader_workers", kind="hydra"),
+    case("unknown_attention_names_auto", [*PRETRAIN, "model.attn_implementation=xformers"],
+         "'xformers'", "auto"),
+    # moved to hardware.compile (a property of the machine, like mixed precision)
+    case("compile_is_a_hardware_option", [*PRETRAIN, "model.compile=true"], "compile",
+         kind="hydra"),
 ]
 
 # --- hub chat data and weighted mixtures (dataset=hf_chat, dataset.mixture) --------------------
