@@ -17,6 +17,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 
 from ldm.errors import ConfigError
+from ldm.sampling.cache import BlockCache, block_logits, check_cache_family, flops_estimate
 from ldm.sampling.decode import (
     banned_token_mask,
     confidence,
@@ -57,6 +58,9 @@ class SampleResult:
     steps_skipped: int  # steps that would have committed nothing, so ran no model call
     answer: torch.Tensor  # [B, max_new_tokens] final answer region, mask_id where never filled
     history: List[SamplerStep] = field(default_factory=list)
+    # Estimated forward FLOPs of the model calls (encoder + vocabulary head); 0 for a model
+    # function that is not a transformers masked LM (the sampler cannot see inside it).
+    flops: float = 0.0
 
 
 def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
@@ -74,6 +78,9 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
+    # The sampler reads the model behind the function to run the vocabulary head on the current
+    # block only and, with sampler.cache, to drive the layers itself (ldm.sampling.cache).
+    logits_fn.model = model if takes_positions else None
     return logits_fn
 
 
@@ -98,6 +105,9 @@ def generate(
     threshold: Optional[float] = None,
     early_stop: bool = True,
     rule: str = "commit",
+    cache: str = "none",
+    gamma: Optional[float] = None,
+    cache_refresh_every_step: bool = False,
     generator: Optional[torch.Generator] = None,
     max_positions: Optional[int] = None,
     device: Optional[Union[torch.device, str]] = None,
@@ -119,7 +129,14 @@ def generate(
         cfg_scale=cfg_scale,
         threshold=threshold,
         max_positions=max_positions,
+        cache=cache,
+        gamma=gamma,
     )
+    model = getattr(model_fn, "model", None)
+    if cache != "none":
+        check_cache_family(cache, getattr(getattr(model, "config", None), "model_type", None))
+    caches: dict = {}
+    flops = 0.0
     batch, start = prompt_ids.shape
     block, block_steps = max_new_tokens // num_blocks, steps // num_blocks
     answer_masks = torch.full((batch, max_new_tokens), mask_id, dtype=torch.long)
@@ -145,7 +162,7 @@ def generate(
                 draw = uniform_like(still, torch.float64, generator)
                 reveal = still & (draw < unmask_probability(k, block_steps))
                 want = reveal.sum(1)
-            elif threshold is None:
+            elif threshold is None and rule != "entropy_bound":
                 want = torch.minimum(schedule[:, k], still.sum(1))
             else:
                 want = minimum_commits(still.sum(1), block_steps - k)
@@ -154,12 +171,17 @@ def generate(
                 steps_skipped += 1
                 continue
 
-            logits = model_fn(canvas[rows], attn[rows])[:, lo:hi].float()
+            span = dict(rows=rows, lo=lo, hi=hi, block=b, cache=cache, caches=caches,
+                        refresh=cache_refresh_every_step)
+            logits, cost = _block_logits(model_fn, model, "cond", canvas[rows], attn, **span)
             nfe += 1
+            flops += cost
             if cfg_scale > 0:
+                # The unconditional pass sees another canvas, so it keeps its own cache.
                 uncond_ids = canvas[rows].masked_fill(prompt_positions[rows], mask_id)
-                uncond = model_fn(uncond_ids, attn[rows])[:, lo:hi].float()
+                uncond, cost = _block_logits(model_fn, model, "uncond", uncond_ids, attn, **span)
                 nfe += 1
+                flops += cost
                 logits = guided_logits(logits, uncond, cfg_scale)
             if banned is None:
                 banned = banned_token_mask(
@@ -177,7 +199,8 @@ def generate(
                 commit = reveal[rows]
             else:
                 commit = _most_confident(
-                    logits, tokens, still[rows], want[rows], remasking, threshold, generator
+                    logits, tokens, still[rows], want[rows], remasking, threshold, generator,
+                    gamma=gamma if rule == "entropy_bound" else None,
                 )
             canvas[rows, lo:hi] = torch.where(commit, tokens, canvas[rows, lo:hi])
             steps_run += 1
@@ -216,7 +239,26 @@ def generate(
         steps_skipped=steps_skipped,
         answer=answer,
         history=history,
+        flops=flops,
     )
+
+
+def _block_logits(model_fn: LogitsFn, model: Optional[torch.nn.Module], key: str,
+                  ids: torch.Tensor, attn: torch.Tensor, *, rows: torch.Tensor, lo: int, hi: int,
+                  block: int, cache: str, caches: dict, refresh: bool
+                  ) -> tuple[torch.Tensor, float]:
+    """Return (float logits [R, hi - lo, V] of the current block, estimated FLOPs of the call)."""
+    if model is None:
+        return model_fn(ids, attn[rows])[:, lo:hi].float(), 0.0
+    if cache == "none":
+        # The head runs on the block alone: the rest of the canvas cannot be committed this step.
+        cost = flops_estimate(model.config, ids.shape[0], ids.shape[1], ids.shape[1], hi - lo)
+        return block_logits(model, ids, attn[rows], lo, hi).float(), cost
+    if key not in caches:
+        caches[key] = BlockCache(model, cache, attn.shape[0], refresh_every_step=refresh)
+    before = caches[key].flops
+    logits = caches[key].logits(ids, attn[rows], rows, lo, hi, block).float()
+    return logits, caches[key].flops - before
 
 
 def finished_answers(answer: torch.Tensor, mask_id: int, eos_id: int) -> torch.Tensor:
@@ -237,9 +279,18 @@ def _most_confident(
     remasking: str,
     threshold: Optional[float],
     generator: Optional[torch.Generator],
+    gamma: Optional[float] = None,
 ) -> torch.Tensor:
     """Return a bool [R, block] tensor: per row, the `want` best-scored candidate positions."""
     score = confidence(logits, tokens, remasking, generator)
+    if gamma is not None:
+        # Entropy-bounded commits (EB-sampler, Ben-Hamu et al. 2025): the best-scored candidates
+        # while their summed entropy stays <= gamma; `want` (>= 1) is the floor.
+        entropy = torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(-1)
+        order = torch.argsort(score.masked_fill(~candidates, float("-inf")), dim=1,
+                              descending=True, stable=True)
+        ordered = entropy.gather(1, order).masked_fill(~candidates.gather(1, order), float("inf"))
+        want = torch.maximum(want, (ordered.cumsum(1) <= gamma).sum(1))
     if threshold is not None:
         probs = torch.softmax(logits.double(), dim=-1)
         sure = candidates & (token_probability(probs, tokens) >= threshold)

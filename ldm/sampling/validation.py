@@ -7,7 +7,8 @@ from typing import Optional
 from ldm.errors import ConfigError
 from ldm.sampling.decode import REMASKING
 
-RULES = ("commit", "original")
+RULES = ("commit", "original", "entropy_bound")
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 def validate_sampler_args(
@@ -24,6 +25,8 @@ def validate_sampler_args(
     cfg_scale: float = 0.0,
     threshold: Optional[float] = None,
     max_positions: Optional[int] = None,
+    cache: str = "none",
+    gamma: Optional[float] = None,
 ) -> int:
     """Return the number of blocks; raise ConfigError naming the first bad value."""
     if max_new_tokens < 1:
@@ -69,4 +72,16 @@ def validate_sampler_args(
             f"sampler.threshold={threshold} needs sampler.rule='commit'; rule='original' reveals "
             f"positions at random, set threshold to null"
         )
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"sampler.cache={cache!r} is unknown; accepted: {', '.join(CACHE_MODES)}")
+    if rule == "entropy_bound":
+        if gamma is None or not gamma > 0:
+            raise ConfigError(f"sampler.gamma={gamma} must be > 0 for sampler.rule='entropy_bound' "
+                              f"(the entropy budget of one step's commits, e.g. 0.5)")
+        if threshold is not None:
+            raise ConfigError(f"sampler.threshold={threshold} and rule='entropy_bound' are two "
+                              f"commit rules; set threshold to null")
+    elif gamma is not None:
+        raise ConfigError(f"sampler.gamma={gamma} is used only by sampler.rule='entropy_bound' "
+                          f"(rule is {rule!r}); set gamma to null")
     return num_blocks

@@ -126,6 +126,7 @@ def run(cfg: DictConfig) -> float:
     from ldm.evaluate import (answer_all, answer_metrics, fixed_batches, heldout_answers,
                                heldout_nelbo, synthetic_references)
     from ldm.model import load_model
+    from ldm.sampling.cache import check_cache_family
     from ldm.tasks.common import open_tracker, run_dir
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
@@ -133,6 +134,7 @@ def run(cfg: DictConfig) -> float:
 
     settings = validate(cfg)
     ckpt = resolve_checkpoint(cfg.checkpoint, "evaluate")
+    check_cache_family(cfg.sampler.cache, ckpt.config.get("model_type"))
     kind = cfg.dataset.kind
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")

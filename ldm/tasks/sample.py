@@ -18,7 +18,7 @@ from ldm.tasks.checkpoints import Checkpoint, resolve_checkpoint
 RENDERS = ("none", "live", "gif")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k",
-                  "top_p", "cfg_scale", "threshold", "early_stop", "rule")
+                  "top_p", "cfg_scale", "threshold", "early_stop", "rule", "cache", "gamma")
 
 
 def sampler_args(cfg: DictConfig) -> Dict[str, Any]:
@@ -128,6 +128,7 @@ def run(cfg: DictConfig) -> float:
     """Sample from the checkpoint; return the mean tokens per second."""
     from ldm.sampling.prompts import (Prompt, encode_infill, encode_prompt, read_infill,
                                       read_prompts_file)
+    from ldm.sampling.cache import check_cache_family
     from ldm.sampling.session import Session, repl
     from ldm.tasks.common import open_tracker, run_dir
     from ldm.tokenizer import load_tokenizer
@@ -143,6 +144,7 @@ def run(cfg: DictConfig) -> float:
     elif mode == "unconditional":
         prompts = [Prompt("") for _ in range(cfg.task.batch_size)]
     ckpt = resolve_checkpoint(cfg.checkpoint, "sample")
+    check_cache_family(cfg.sampler.cache, ckpt.config.get("model_type"))
     tok = load_tokenizer(ckpt.where)
     mask_id = ckpt.mask_id if ckpt.mask_id is not None else tok.mask_token_id
     chat = cfg.chat and mode in ("prompts", "interactive")

@@ -28,8 +28,27 @@ def heldout_prompts(test_split, count: int) -> list:
     return out
 
 
+def sampler_family(cfg: DictConfig):
+    """Return the model family (config model_type) SFT trains, when known before loading."""
+    from pathlib import Path
+
+    if cfg.init_from and (Path(cfg.init_from) / "config.json").is_file():
+        return json.loads((Path(cfg.init_from) / "config.json").read_text()).get("model_type")
+    return cfg.model.architecture if cfg.model.source == "config" else None
+
+
 def sample_hook(cfg: DictConfig):
     """Return the on_eval factory that answers a few held-out prompts with the sampler."""
+    from ldm.sampling.cache import check_cache_family
+    from ldm.sampling.validation import validate_sampler_args
+
+    # Checked now, before training starts, not at the first evaluation.
+    checked = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
+               if k not in ("name", "early_stop")}
+    validate_sampler_args(prompt_length=0, **checked)
+    family = sampler_family(cfg)
+    if family is not None:
+        check_cache_family(cfg.sampler.cache, family)
     def factory(tokenizer, test_split, tracker):
         import torch
 
