@@ -231,3 +231,16 @@ def test_entropy_bound_commits_the_most_confident_while_summed_entropy_stays_und
 def test_true_positions_count_from_the_first_real_token():
     attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert true_positions(attn).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_sample_task_runs_with_dual_cache_and_entropy_bound(tmp_path):
+    from test_sample_task import make_export, sample
+
+    export = make_export(tmp_path / "chat", chat=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the king spoke\nwho walked in the field?\n")
+    _, records = sample(tmp_path, export, f"prompts_file={prompts}", "sampler=entropy_bound",
+                        "sampler.cache=dual", "sampler.gamma=0.3")
+    assert len(records) == 2
+    assert records[0]["sampler"]["cache"] == "dual"
+    assert all(r["nfe"] >= 1 for r in records)
