@@ -166,6 +166,9 @@ class BlockCache:
         check_cache_family(mode, family)
         if mode == "none":
             raise ConfigError("BlockCache needs sampler.cache=prefix or dual")
+        if getattr(model.config, "is_decoder", False):
+            raise ConfigError(f"sampler.cache={mode!r} needs a bidirectional encoder; this "
+                              f"{family} is configured as a causal decoder (is_decoder=true)")
         self.model, self.mode, self.batch = model, mode, batch
         self.family = _FAMILIES[family](model)
         self.layer_list = self.family.layers()
