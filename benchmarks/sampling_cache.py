@@ -72,7 +72,7 @@ def few_shot(n: int, seed: int, tasks, shots=(16, 26)) -> list:
 
 
 def sampler_settings(preset: str, overrides: dict, max_new: int) -> dict:
-    """Return generate() keyword arguments from conf/sampler/<preset>.yaml plus overrides."""
+    """Return the sampler settings of conf/sampler/<preset>.yaml plus overrides, as a dict."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.load(REPO / "conf" / "sampler" / f"{preset}.yaml")
@@ -89,17 +89,18 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
     import torch
 
     from ldm.data import synthetic
-    from ldm.sampling import generate, hf_logits_fn
+    from ldm.sampling import SamplerSettings, generate, hf_logits_fn
 
     fn = hf_logits_fn(model)
+    settings = SamplerSettings.from_config(settings)
     seconds = tokens = correct = nfe = flops = 0.0
     for start in range(0, len(jobs), batch):
         part = jobs[start:start + batch]
         began = time.perf_counter()
-        result = generate(fn, [j["ids"] for j in part], mask_id=tok.mask_token_id,
+        result = generate(fn, [j["ids"] for j in part], settings, mask_id=tok.mask_token_id,
                           eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
                           pad_id=tok.pad_token_id, record_history=False,
-                          generator=torch.Generator().manual_seed(seed + start), **settings)
+                          generator=torch.Generator().manual_seed(seed + start))
         seconds += time.perf_counter() - began
         nfe += result.nfe * len(part)
         flops += result.flops

@@ -9,7 +9,7 @@ from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilB
                           ModernBertConfig, ModernBertForMaskedLM)
 
 from ldm.errors import ConfigError
-from ldm.sampling import generate, hf_logits_fn, validate_sampler_args
+from ldm.sampling import SamplerSettings, generate, hf_logits_fn
 from ldm.sampling.cache import BlockCache, check_cache_family, true_positions
 
 PAD, UNK, CLS, EOS, MASK = 0, 1, 2, 3, 4
@@ -137,8 +137,9 @@ def test_a_cached_step_computes_only_its_positions(family, mode, recomputed):
 def test_uncached_sampler_runs_the_head_on_the_current_block_only(family):
     model = tiny(family)
     counts, _ = count_positions(model, family)
-    result = generate(hf_logits_fn(model), prompts(), max_new_tokens=16, steps=16,
-                      block_length=8, early_stop=False, **IDS)
+    result = generate(hf_logits_fn(model), prompts(),
+                      SamplerSettings(max_new_tokens=16, steps=16, block_length=8,
+                                      early_stop=False), **IDS)
     assert counts["head"] == sum(8 * 3 for _ in range(result.nfe))  # 3 rows x block of 8
 
 
@@ -148,10 +149,10 @@ def test_uncached_sampler_runs_the_head_on_the_current_block_only(family):
 def test_sampler_with_cache_refreshed_every_step_answers_as_uncached(family, mode, cfg_scale):
     model = tiny(family)
     settings = dict(max_new_tokens=16, steps=16, block_length=8, threshold=0.2,
-                    cfg_scale=cfg_scale, **IDS)
-    want = generate(plain(model), prompts(), **settings)
-    got = generate(hf_logits_fn(model), prompts(), cache=mode, cache_refresh_every_step=True,
-                   **settings)
+                    cfg_scale=cfg_scale)
+    want = generate(plain(model), prompts(), SamplerSettings(**settings), **IDS)
+    got = generate(hf_logits_fn(model), prompts(),
+                   SamplerSettings(cache=mode, cache_refresh_every_step=True, **settings), **IDS)
     assert got.tokens == want.tokens
     assert got.nfe == want.nfe
     assert [s.committed.tolist() for s in got.history] == \
@@ -161,9 +162,10 @@ def test_sampler_with_cache_refreshed_every_step_answers_as_uncached(family, mod
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dual_cache_makes_fewer_flops_than_uncached(family):
     model = tiny(family)
-    settings = dict(max_new_tokens=16, steps=16, block_length=8, **IDS)
-    none = generate(hf_logits_fn(model), prompts(), **settings)
-    dual = generate(hf_logits_fn(model), prompts(), cache="dual", **settings)
+    settings = dict(max_new_tokens=16, steps=16, block_length=8)
+    none = generate(hf_logits_fn(model), prompts(), SamplerSettings(**settings), **IDS)
+    dual = generate(hf_logits_fn(model), prompts(), SamplerSettings(cache="dual", **settings),
+                    **IDS)
     assert none.nfe == dual.nfe == 16  # one token per step (llada), 2 blocks
     assert dual.flops < 0.6 * none.flops
     assert all(len(t) == 16 for t in dual.tokens)
@@ -174,8 +176,8 @@ def test_cache_is_refused_for_a_family_without_support():
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1,
                                                    n_heads=2, hidden_dim=64)).eval()
     with pytest.raises(ConfigError, match=r"sampler.cache='dual'.*bert, modernbert.*'distilbert'"):
-        generate(hf_logits_fn(model), prompts(), max_new_tokens=8, steps=8, block_length=8,
-                 cache="dual", **IDS)
+        generate(hf_logits_fn(model), prompts(),
+                 SamplerSettings(max_new_tokens=8, steps=8, block_length=8, cache="dual"), **IDS)
     check_cache_family("none", "distilbert")  # uncached sampling works for every family
     with pytest.raises(ConfigError, match="sampler.cache='full'.*none, prefix, dual"):
         check_cache_family("full", "bert")
@@ -186,10 +188,11 @@ def test_cache_is_refused_for_a_family_without_support():
     (dict(rule="entropy_bound", gamma=None), "sampler.gamma=None must be > 0"),
     (dict(rule="entropy_bound", gamma=0.5, threshold=0.9), "threshold=0.9 and rule='entropy_bound'"),
     (dict(rule="commit", gamma=0.5), "sampler.gamma=0.5 is used only by"),
+    (dict(cache="full"), "sampler.cache='full' is unknown"),
 ])
 def test_bad_entropy_bound_settings_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
-        validate_sampler_args(prompt_length=4, max_new_tokens=8, steps=8, **bad)
+        SamplerSettings(max_new_tokens=8, steps=8, block_length=8, **bad)
 
 
 class Peaked:
@@ -218,13 +221,12 @@ def test_entropy_bound_commits_the_most_confident_while_summed_entropy_stays_und
     by_confidence = sorted(range(8), key=lambda j: -peaks[j])
     cumulative = torch.tensor([entropy(peaks[j]) for j in by_confidence]).cumsum(0)
     gamma = float(cumulative[3] + cumulative[4]) / 2  # room for exactly the four surest
-    result = generate(Peaked(peaks), [[7, 8, 9]], max_new_tokens=8, steps=8, block_length=8,
-                      rule="entropy_bound", gamma=gamma, **IDS)
+    settings = dict(max_new_tokens=8, steps=8, block_length=8, rule="entropy_bound")
+    result = generate(Peaked(peaks), [[7, 8, 9]], SamplerSettings(gamma=gamma, **settings), **IDS)
     first = result.history[0].committed[0]
     assert first.nonzero().squeeze(1).tolist() == sorted(by_confidence[:4])
     assert result.tokens[0] == [10 + j for j in range(8)]
-    tight = generate(Peaked(peaks), [[7, 8, 9]], max_new_tokens=8, steps=8, block_length=8,
-                     rule="entropy_bound", gamma=1e-6, **IDS)
+    tight = generate(Peaked(peaks), [[7, 8, 9]], SamplerSettings(gamma=1e-6, **settings), **IDS)
     assert tight.nfe == 8  # always at least one commit per step, never more beyond the bound
 
 
