@@ -10,7 +10,8 @@
 3. In one process, answers the same held-out prompts (canvas = prompt + 64 masks, batched,
    left-padded) with each setting: original, llada, fast, fast+prefix, fast+dual,
    entropy_bound, entropy_bound+dual. Timings are the median of `--reps` repetitions, the
-   settings' order alternating between repetitions, with the min-max spread. Also reported:
+   settings' order alternating between repetitions, with the min-max spread; tokens/s counts the
+   answer positions decoded (committed, EOS padding included) per second. Also reported:
    exact match, model calls (NFE) per answer and model-equivalent compute per answer (estimated
    forward FLOPs of the encoder + head over those of one uncached full forward of the canvas).
 4. Prints the goals with PASS/FAIL: fast+dual >= 3x the tokens/s of fast at <= 1 point less
@@ -104,8 +105,11 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
         seconds += time.perf_counter() - began
         nfe += result.nfe * len(part)
         flops += result.flops
+        # Throughput counts the answer positions each setting decoded (committed), EOS padding
+        # included: an answer that ends early is cheaper, but a model that answers with EOS at
+        # once would otherwise score 0 tokens/s whatever the sampler's speed.
+        tokens += sum(result.committed)
         for job, ids in zip(part, result.tokens):
-            tokens += len(ids)
             answer = tok.decode(ids, skip_special_tokens=True).strip()
             correct += synthetic.check(job["task"], answer, job["answer"])
     return {"seconds": seconds, "tokens": tokens, "correct": correct, "nfe": nfe, "flops": flops}
@@ -164,16 +168,26 @@ def evaluate_arch(arch: str, args, export: Path) -> list:
             for label, s in order:
                 runs[label].append(measure(model, tok, jobs, s, args.batch_eval, args.seed))
             print(f"[{arch}] repetition {rep + 1}/{args.reps} done", flush=True)
+            rows = table_rows(arch, settings, runs, len(jobs), full)
+            if rep + 1 < args.reps:  # so that an interrupted run still shows what it measured
+                report(rows)
+    return rows
+
+
+def table_rows(arch: str, settings, runs: dict, answers: int, full: float) -> list:
+    """Return one row per setting: medians and spread over the repetitions run so far."""
+    import statistics
+
     rows = []
     for label, _ in settings:
         reps = runs[label]
-        speeds = [r["tokens"] / r["seconds"] for r in reps]
+        speeds = [r["tokens"] / max(r["seconds"], 1e-9) for r in reps]
         rows.append({"arch": arch, "setting": label, "tokens_per_s": statistics.median(speeds),
                      "spread": (min(speeds), max(speeds)),
-                     "exact": statistics.mean(r["correct"] for r in reps) / len(jobs),
-                     "nfe": reps[0]["nfe"] / len(jobs),
-                     "compute": reps[0]["flops"] / len(jobs) / full,
-                     "tokens": reps[0]["tokens"] / len(jobs)})
+                     "exact": statistics.mean(r["correct"] for r in reps) / answers,
+                     "nfe": reps[0]["nfe"] / answers,
+                     "compute": reps[0]["flops"] / answers / full,
+                     "tokens": reps[0]["tokens"] / answers, "reps": len(reps)})
     return rows
 
 
