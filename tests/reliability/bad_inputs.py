@@ -12,6 +12,7 @@ Placeholders in args, filled in by the test:
   {files}   a folder of bad files (see test_bad_inputs.BAD_FILES)
   {bad}     a folder of damaged exports and checkpoints (see test_bad_inputs.damaged)
   {ckpt}    a complete checkpoint of the tiny pretraining run (step 2)
+  {busy_port} a loopback port another socket listens on
 
 To add a case: append a row. `kind="ldm"` rows must fail with exactly one `error:` line (our own
 errors); `kind="hydra"` rows fail in Hydra's config composition, which prints its own message.
@@ -32,7 +33,15 @@ PREPARE_TEXT = ["task=prepare", *TINY, "dataset=local_text", "tracking=off"]
 PREPARE_CHAT = ["task=prepare", *TINY, "dataset=local_chat", "init_from={export}", "tracking=off"]
 SAMPLE = ["task=sample", "checkpoint={chat}", "sampler.max_new_tokens=8", "sampler.steps=8",
           "sampler.block_length=8", "tracking=off"]
+SERVE = ["task=serve", "checkpoint={chat}", "tracking=off"]
 LONG_PROMPT = "prompt='" + " ".join(["the king spoke to the queen"] * 40) + "'"
+# pretrain on other files than the prepared corpus ({corpus} left out)
+PRETRAIN_OTHER = [a for a in PRETRAIN if a != "{corpus}"]
+SFT = ["task=sft", *TINY, "dataset=synthetic_tasks", "dataset.max_documents=60",
+       "paths.data={data}", "task.max_steps=2", "task.global_batch_size=4",
+       "hardware.micro_batch_size=2", "hardware.gradient_accumulation_steps=2", "tracking=off"]
+EVALUATE = ["task=evaluate", "checkpoint={export}", *TINY, "dataset=local_text",
+            "paths.data={data}", "tracking=off"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ CASES = [
          "table.csv", ".jsonl"),
     # --- prompts -----------------------------------------------------------------------------
     case("empty_prompt", [*SAMPLE, "prompt=''"], "prompt is empty"),
-    case("prompt_longer_than_model", [*SAMPLE, LONG_PROMPT], "max_position_embeddings=128"),
+    case("prompt_longer_than_model", [*SAMPLE, LONG_PROMPT], "max_positions=128", "shorten"),
     case("control_characters_in_prompt", [*SAMPLE, "prompt='hello\x1b[2Jworld'"],
          "control character", "U+001B"),
     case("nul_in_prompts_file", [*SAMPLE, "prompts_file={files}/nul_prompt.txt"],
@@ -133,6 +142,105 @@ CASES = [
     case("resume_other_architecture",
          [*PRETRAIN, "model.arch.hidden_size=48", "task.resume_from={ckpt}"],
          "step-0000002", "architecture"),
+    # --- issue 12: data identity, settings checked before anything is written, sample runs ---
+    case("pretrain_on_files_never_prepared",
+         [*PRETRAIN_OTHER, "dataset.paths=[{files}/other.txt]"], "no prepared data",
+         "other.txt", "exists only for other sources", "doc000.txt"),
+    case("evaluate_on_files_never_prepared",
+         [*EVALUATE, "dataset.paths=[{files}/other.txt]"], "no prepared data", "other.txt",
+         "exists only for other sources"),
+    case("pretrain_dataset_paths_is_a_folder", [*PRETRAIN_OTHER, "dataset.paths=[{files}]"],
+         "is a folder", "/*.txt"),
+    case("prepare_dataset_paths_is_a_folder", [*PREPARE_TEXT, "dataset.paths=[{files}]"],
+         "is a folder", "/*.txt"),
+    case("masking_eps_out_of_range", [*PRETRAIN, "masking.eps=2"], "masking.eps=2", "[0, 1)"),
+    case("masking_unknown_time_sampling", [*PRETRAIN, "masking.time_sampling=stratified"],
+         "'stratified'", "antithetic"),
+    case("masking_unknown_schedule", [*PRETRAIN, "masking.schedule=sqrt"], "'sqrt'", "cosine"),
+    case("masking_unknown_normalizer", [*PRETRAIN, "masking.normalizer=bogus"], "'bogus'",
+         "sequence"),
+    case("micro_batch_zero", [*PRETRAIN, "hardware.micro_batch_size=0"],
+         "hardware.micro_batch_size=0", ">= 1"),
+    case("accumulation_zero", [*PRETRAIN, "hardware.gradient_accumulation_steps=0"],
+         "gradient_accumulation_steps=0", ">= 1"),
+    case("pretrain_on_chat_data",
+         [a.replace("dataset=local_text", "dataset=synthetic_tasks") for a in PRETRAIN_OTHER],
+         "kind 'text'", "synthetic_tasks"),
+    case("sft_on_text_data",
+         [a.replace("dataset=synthetic_tasks", "dataset=local_text") for a in SFT] + ["{corpus}"],
+         "kind 'chat'", "local_text"),
+    case("sft_eval_sampler_threshold_above_one", [*SFT, "sampler.threshold=1.5"],
+         "sampler.threshold=1.5", "(0, 1]"),
+    case("sft_eval_sampler_block_not_dividing", [*SFT, "sampler.max_new_tokens=16"],
+         "block_length=32", "sampler.max_new_tokens=16"),
+    case("sft_eval_sampler_negative_temperature", [*SFT, "sampler.temperature=-1"],
+         "sampler.temperature=-1", ">= 0"),
+    case("sft_eval_sampler_unknown_remasking", [*SFT, "sampler.remasking=best"], "'best'",
+         "low_confidence"),
+    case("schema_option_is_not_a_task", ["task=schema_train", "tracking=off"],
+         "task=schema_train", "known tasks"),
+    case("chat_file_too_small_to_split", [*PREPARE_CHAT, "dataset.paths=[{files}/two.jsonl]"],
+         "test split has no example", "dataset.split_seed"),
+    case("text_too_small_to_split", [*PREPARE_TEXT, "dataset.paths=[{files}/other.txt]"],
+         "no complete row", "dataset.txt_unit=paragraph", "dataset.split_seed"),
+    case("test_split_pct_one", [*PREPARE_TEXT, "{corpus}", "dataset.test_split_pct=1.0"],
+         "dataset.test_split_pct=1.0", "(0, 1)"),
+    case("unknown_last_row", [*PREPARE_TEXT, "{corpus}", "task.last_row=keep"], "'keep'",
+         "drop, pad"),
+    case("prepare_zero_workers", [*PREPARE_TEXT, "{corpus}", "task.num_workers=0"],
+         "task.num_workers=0", ">= 1"),
+    case("max_documents_one", [*PREPARE_TEXT, "{corpus}", "dataset.max_documents=1"],
+         "dataset.max_documents=1", ">= 2"),
+    case("context_below_minimum", [*PREPARE_TEXT, "{corpus}", "context.length=8"],
+         "context.length=8", "16"),
+    case("unknown_chat_padding", [*PREPARE_CHAT, "dataset.paths=[{files}/two.jsonl]",
+                                  "dataset.padding=left"], "'left'", "eos, dynamic"),
+    case("unknown_chat_overlong", [*PREPARE_CHAT, "dataset.paths=[{files}/two.jsonl]",
+                                   "dataset.overlong=cut"], "'cut'", "drop, truncate"),
+    case("unknown_answer_turns", [*PREPARE_CHAT, "dataset.paths=[{files}/two.jsonl]",
+                                  "dataset.answer_turns=first"], "'first'", "all, last"),
+    case("unknown_synthetic_task_type", ["task=prepare", *TINY, "dataset=synthetic_tasks",
+                                         "dataset.task_types=[juggle]", "tracking=off"],
+         "juggle", "copy"),
+    case("sample_gif_without_out", [*SAMPLE, "prompt=hi", "render=gif"], "render=gif",
+         "out="),
+    case("sample_two_prompt_sources", [*SAMPLE, "prompt=hi", "interactive=true"],
+         "prompt and interactive"),
+    case("sample_interactive_without_chat", [*SAMPLE, "interactive=true", "chat=false"],
+         "interactive=true", "chat=true"),
+    case("sample_threshold_above_one", [*SAMPLE, "prompt=hi", "sampler.threshold=1.5"],
+         "sampler.threshold=1.5", "(0, 1]"),
+    case("sample_unknown_device", [*SAMPLE, "prompt=hi", "task.device=tpu"], "'tpu'", "cpu"),
+    case("sample_chat_on_a_pretraining_export",
+         [*SAMPLE, "prompt=hi", "checkpoint={export}"], "no chat template", "chat=false"),
+    case("sample_without_prompt", SAMPLE, "no prompt given", "interactive=true"),
+    case("evaluate_zero_t_grid", [*EVALUATE, "{corpus}", "task.t_grid=0"], "task.t_grid=0",
+         ">= 1"),
+    case("prompt_with_an_unquoted_comma", [*SAMPLE, "prompt=Hello, world"],
+         "prompt=Hello, world", "quote the value", kind="hydra"),
+    # --- task=serve: every bad input fails before the server starts -----------------------------
+    case("serve_checkpoint_missing", [*SERVE, "checkpoint={bad}/absent"], "absent",
+         "outputs/models"),
+    case("serve_folder_not_an_export", [*SERVE, "checkpoint={files}"], "is not an export",
+         "config.json"),
+    case("serve_export_without_chat_template", [*SERVE, "checkpoint={export}"],
+         "no chat template", "SFT export"),
+    case("serve_port_in_use", [*SERVE, "serve.port={busy_port}"], "serve.port=",
+         "in use"),
+    case("serve_unknown_sampler_preset", [*SERVE, "sampler=turbo"], "sampler/turbo", "llada",
+         kind="hydra"),
+    case("serve_bad_sampler_setting", [*SERVE, "sampler.block_length=7"], "block_length=7",
+         "divide"),
+    case("serve_zero_concurrency", [*SERVE, "serve.concurrency=0"], "serve.concurrency=0",
+         ">= 1"),
+    # removed: nothing read it (the loop has no DataLoader)
+    case("removed_dataloader_workers", [*PRETRAIN, "hardware.dataloader_workers=4"],
+         "dataloader_workers", kind="hydra"),
+    case("unknown_attention_names_auto", [*PRETRAIN, "model.attn_implementation=xformers"],
+         "'xformers'", "auto"),
+    # moved to hardware.compile (a property of the machine, like mixed precision)
+    case("compile_is_a_hardware_option", [*PRETRAIN, "model.compile=true"], "compile",
+         kind="hydra"),
     # --- sampler cache and entropy-bounded rule --------------------------------------------------
     case("sampler_cache_unknown", [*SAMPLE, "prompt=hi", "sampler.cache=full"], "'full'",
          "prefix, dual"),
