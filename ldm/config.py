@@ -236,7 +236,9 @@ class SamplerConfig:
     cfg_scale: float = 0.0  # classifier-free guidance, prompt masked as the unconditional input
     threshold: Optional[float] = None  # commit every position with confidence >= threshold
     early_stop: bool = True  # stop once EOS is committed and everything before it is filled
-    rule: str = "commit"  # commit | original (resample all masks each step, keep w.p. s/t)
+    rule: str = "commit"  # commit | original (resample all masks each step, keep w.p. s/t) | entropy_bound
+    gamma: Optional[float] = None  # rule=entropy_bound: entropy budget of one step's commits
+    cache: str = "none"  # none | prefix | dual: block-wise approximate KV cache (BERT, ModernBERT)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 
 from ldm.errors import ConfigError
+from ldm.sampling.cache import BlockCache, block_logits, check_cache_family, flops_estimate
 from ldm.sampling.decode import (
     banned_token_mask,
     confidence,
@@ -57,6 +58,9 @@ class SampleResult:
     steps_skipped: int  # steps that would have committed nothing, so ran no model call
     answer: torch.Tensor  # [B, max_new_tokens] final answer region, mask_id where never filled
     history: List[SamplerStep] = field(default_factory=list)
+    # Estimated forward FLOPs of the model calls (encoder + vocabulary head); 0 for a model
+    # function that is not a transformers masked LM (the sampler cannot see inside it).
+    flops: float = 0.0
 
 
 def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
@@ -74,6 +78,9 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
+    # The sampler reads the model behind the function to run the vocabulary head on the current
+    # block only and, with sampler.cache, to drive the layers itself (ldm.sampling.cache).
+    logits_fn.model = model if takes_positions else None
     return logits_fn
 
 
@@ -96,6 +103,8 @@ class Canvas:
     nfe: int = 0
     steps_run: int = 0
     steps_skipped: int = 0
+    flops: float = 0.0  # estimated FLOPs of the model calls so far (0 when the model is opaque)
+    caches: dict = field(default_factory=dict)  # "cond" / "uncond" -> BlockCache
     _banned: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
@@ -144,7 +153,7 @@ def unmask_block(
             draw = uniform_like(still, torch.float64, generator)
             reveal = still & (draw < unmask_probability(k, steps))
             want = reveal.sum(1)
-        elif settings.threshold is None:
+        elif settings.threshold is None and settings.rule != "entropy_bound":
             want = torch.minimum(schedule[:, k], still.sum(1))
         else:
             want = minimum_commits(still.sum(1), steps - k)
@@ -153,11 +162,13 @@ def unmask_block(
             canvas.steps_skipped += 1
             continue
 
-        logits = model_fn(canvas.ids[rows], canvas.attn[rows])[:, lo:hi].float()
+        span = dict(rows=rows, lo=lo, hi=hi, block=block, settings=settings)
+        logits = _block_logits(model_fn, canvas, "cond", canvas.ids[rows], **span)
         canvas.nfe += 1
         if settings.cfg_scale > 0 and canvas.uncond is not None:
+            # The unconditional pass sees another canvas, so it keeps its own cache.
             uncond_ids = canvas.ids[rows].masked_fill(canvas.uncond[rows], mask_id)
-            uncond = model_fn(uncond_ids, canvas.attn[rows])[:, lo:hi].float()
+            uncond = _block_logits(model_fn, canvas, "uncond", uncond_ids, **span)
             canvas.nfe += 1
             logits = guided_logits(logits, uncond, settings.cfg_scale)
         logits = logits.masked_fill(canvas.banned(logits.shape[-1], logits.device), float("-inf"))
@@ -167,7 +178,7 @@ def unmask_block(
             commit = reveal[rows]
         else:
             commit = most_confident(logits, tokens, still[rows], want[rows], settings.remasking,
-                                    settings.threshold, generator)
+                                    settings.threshold, generator, gamma=settings.gamma)
         canvas.ids[rows, lo:hi] = torch.where(commit, tokens, canvas.ids[rows, lo:hi])
         canvas.steps_run += 1
 
@@ -205,6 +216,7 @@ def generate(
     """
     prompt_ids, prompt_mask = _left_padded(prompts, attention_mask, pad_id, device)
     settings.check_prompt(prompt_ids.shape[1])
+    check_model_cache(model_fn, settings)
     batch, start = prompt_ids.shape
     new = settings.max_new_tokens
     answer_masks = torch.full((batch, new), mask_id, dtype=torch.long, device=prompt_ids.device)
@@ -247,7 +259,39 @@ def generate(
         steps_skipped=canvas.steps_skipped,
         answer=answer,
         history=history,
+        flops=canvas.flops,
     )
+
+
+def check_model_cache(model_fn: LogitsFn, settings: SamplerSettings) -> None:
+    """Raise ConfigError if settings.cache needs layers the model behind `model_fn` lacks."""
+    if settings.cache != "none":
+        model = getattr(model_fn, "model", None)
+        check_cache_family(settings.cache, getattr(getattr(model, "config", None), "model_type",
+                                                   None))
+
+
+def _block_logits(model_fn: LogitsFn, canvas: "Canvas", key: str, ids: torch.Tensor, *,
+                  rows: torch.Tensor, lo: int, hi: int, block: int,
+                  settings: SamplerSettings) -> torch.Tensor:
+    """Return float logits [R, hi - lo, V] of positions [lo, hi) of `ids` (rows of the canvas)."""
+    model = getattr(model_fn, "model", None)
+    attn = canvas.attn[rows]
+    if model is None:
+        return model_fn(ids, attn)[:, lo:hi].float()
+    if settings.cache == "none":
+        # The head runs on the block alone: the rest of the canvas cannot be committed this step.
+        canvas.flops += flops_estimate(model.config, ids.shape[0], ids.shape[1], ids.shape[1],
+                                       hi - lo)
+        return block_logits(model, ids, attn, lo, hi).float()
+    if key not in canvas.caches:
+        canvas.caches[key] = BlockCache(model, settings.cache, canvas.ids.shape[0],
+                                        refresh_every_step=settings.cache_refresh_every_step)
+    cache = canvas.caches[key]
+    before = cache.flops
+    logits = cache.logits(ids, attn, rows, lo, hi, block).float()
+    canvas.flops += cache.flops - before
+    return logits
 
 
 def record_steps(history: List[SamplerStep], record_history: bool,
@@ -284,9 +328,18 @@ def most_confident(
     remasking: str,
     threshold: Optional[float],
     generator: Optional[torch.Generator],
+    gamma: Optional[float] = None,
 ) -> torch.Tensor:
     """Return a bool [R, block] tensor: per row, the `want` best-scored candidate positions."""
     score = confidence(logits, tokens, remasking, generator)
+    if gamma is not None:
+        # Entropy-bounded commits (EB-sampler, Ben-Hamu et al. 2025): the best-scored candidates
+        # while their summed entropy stays <= gamma; `want` (>= 1) is the floor.
+        entropy = torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(-1)
+        order = torch.argsort(score.masked_fill(~candidates, float("-inf")), dim=1,
+                              descending=True, stable=True)
+        ordered = entropy.gather(1, order).masked_fill(~candidates.gather(1, order), float("inf"))
+        want = torch.maximum(want, (ordered.cumsum(1) <= gamma).sum(1))
     if threshold is not None:
         probs = torch.softmax(logits.double(), dim=-1)
         sure = candidates & (token_probability(probs, tokens) >= threshold)

@@ -14,7 +14,8 @@ from typing import Any, Dict, Mapping, Optional
 from ldm.errors import ConfigError
 from ldm.sampling.decode import REMASKING
 
-RULES = ("commit", "original")
+RULES = ("commit", "original", "entropy_bound")
+CACHE_MODES = ("none", "prefix", "dual")  # = ldm.sampling.cache.CACHE_MODES
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,11 @@ class SamplerSettings:
     cfg_scale: float = 0.0  # classifier-free guidance; 0 = none
     threshold: Optional[float] = None  # commit every position at least this sure
     early_stop: bool = True  # stop once the answer's EOS is committed with nothing masked before
-    rule: str = "commit"  # commit | original
+    rule: str = "commit"  # commit | original | entropy_bound
+    gamma: Optional[float] = None  # rule=entropy_bound: entropy budget (nats) of one step's commits
+    cache: str = "none"  # none | prefix | dual: block-wise approximate KV cache (ldm.sampling.cache)
+    # Refill the cache at every step instead of every block: exact, no faster; for checking it.
+    cache_refresh_every_step: bool = False
     max_positions: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -143,3 +148,15 @@ def _check(s: SamplerSettings) -> None:
             f"sampler.threshold={s.threshold} needs sampler.rule='commit'; rule='original' "
             "reveals positions at random, set threshold to null"
         )
+    if s.cache not in CACHE_MODES:
+        raise ConfigError(f"sampler.cache={s.cache!r} is unknown; accepted: {', '.join(CACHE_MODES)}")
+    if s.rule == "entropy_bound":
+        if s.gamma is None or not s.gamma > 0:
+            raise ConfigError(f"sampler.gamma={s.gamma} must be > 0 for sampler.rule="
+                              f"'entropy_bound' (the entropy budget of one step's commits, e.g. 0.5)")
+        if s.threshold is not None:
+            raise ConfigError(f"sampler.threshold={s.threshold} and rule='entropy_bound' are two "
+                              f"commit rules; set threshold to null")
+    elif s.gamma is not None:
+        raise ConfigError(f"sampler.gamma={s.gamma} is used only by sampler.rule='entropy_bound' "
+                          f"(rule is {s.rule!r}); set gamma to null")

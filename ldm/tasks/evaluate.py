@@ -30,6 +30,7 @@ from typing import Dict, List
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError, DataError
+from ldm.sampling.cache import check_cache_family
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
 
@@ -124,6 +125,7 @@ def run(cfg: DictConfig) -> float:
     export = resolve_checkpoint(cfg.checkpoint, "evaluate")
     cfg = with_export_groups(cfg, export)
     settings = settings.with_max_positions(export.max_positions)
+    check_cache_family(settings.cache, export.config.get("model_type"))
     kind = cfg.dataset.kind
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")

@@ -14,6 +14,7 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError
+from ldm.sampling.cache import check_cache_family
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
 from ldm.tasks.naming import name_sample_run
@@ -106,6 +107,7 @@ def run(cfg: DictConfig) -> float:
     export = resolve_checkpoint(cfg.checkpoint, "sample")
     cfg = with_export_groups(cfg, export, groups=("model", "context"))
     settings = SamplerSettings.from_config(cfg.sampler, export.max_positions)
+    check_cache_family(settings.cache, export.config.get("model_type"))
     tok = export.load_tokenizer()
     mask_id = export.mask_id if export.mask_id is not None else tok.mask_token_id
     chat = cfg.chat and mode in ("prompts", "interactive")

@@ -19,13 +19,21 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     from ldm.export import read_export
     from ldm.hub import is_local
 
+    from ldm.sampling.cache import check_cache_family
+
+    family = None  # a hub model: its limits are checked once it loads
     if cfg.init_from and is_local(cfg.init_from):
-        positions = read_export(cfg.init_from, "init_from").max_positions
+        export = read_export(cfg.init_from, "init_from")
+        positions, family = export.max_positions, export.config.get("model_type")
     elif cfg.init_from:
-        positions = None  # a hub model: its limit is checked once it loads
+        positions = None
     else:
         positions = cfg.model.max_positions
-    return SamplerSettings.from_config(cfg.sampler, positions)
+        family = cfg.model.architecture if cfg.model.source == "config" else None
+    settings = SamplerSettings.from_config(cfg.sampler, positions)
+    if family is not None:
+        check_cache_family(settings.cache, family)
+    return settings
 
 
 def sample_hook(cfg: DictConfig, settings: SamplerSettings):

@@ -241,6 +241,17 @@ CASES = [
     # moved to hardware.compile (a property of the machine, like mixed precision)
     case("compile_is_a_hardware_option", [*PRETRAIN, "model.compile=true"], "compile",
          kind="hydra"),
+    # --- sampler cache and entropy-bounded rule --------------------------------------------------
+    case("sampler_cache_unknown", [*SAMPLE, "prompt=hi", "sampler.cache=full"], "'full'",
+         "prefix, dual"),
+    case("sampler_cache_unsupported_family",
+         [*SAMPLE, "prompt=hi", "sampler.cache=dual", "checkpoint={bad}/causal_lm"],
+         "sampler.cache='dual'", "bert, modernbert", "'gpt2'"),
+    case("sampler_gamma_zero",
+         [*SAMPLE, "prompt=hi", "sampler.rule=entropy_bound", "sampler.gamma=0"],
+         "sampler.gamma=0", "> 0"),
+    case("sampler_gamma_without_entropy_bound", [*SAMPLE, "prompt=hi", "sampler.gamma=0.5"],
+         "sampler.gamma=0.5", "entropy_bound"),
 ]
 
 # --- hub chat data and weighted mixtures (dataset=hf_chat, dataset.mixture) --------------------

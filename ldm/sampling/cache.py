@@ -1,0 +1,263 @@
+"""Block-wise approximate key/value caching for bidirectional encoders (BERT, ModernBERT).
+
+A masked-diffusion step only commits tokens inside the current semi-autoregressive block, yet an
+uncached step runs the whole encoder over prompt + answer. Following Fast-dLLM's approximate
+cache for LLaDA (arXiv:2505.22618), at the start of each block one full forward keeps every
+layer's keys and values; the block's later steps then recompute only
+
+- `prefix`: the block and every position after it, attending to the kept keys/values of the
+  positions before the block;
+- `dual`: the block alone, attending to the kept keys/values before and after it.
+
+The kept entries are stale by design (positions before the block attend to the block, which
+changes), which is why a new block starts with a full forward. The layers are driven here with
+their own modules (the projections, norms and MLPs of the loaded model), so fine-tuned weights
+are used as they are; only attention itself is recomputed, with torch's SDPA.
+
+ModernBERT: keys are kept after rotary embedding at their true positions (counted from each
+row's first real token, as `hf_logits_fn` does), sliding-window layers keep |i - j| <= window and
+global layers attend everywhere, padded keys are masked. BERT: absolute position embeddings at
+the true positions. Other families raise a ConfigError naming the ones that are supported.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.errors import ConfigError
+
+CACHE_MODES = ("none", "prefix", "dual")
+CACHE_FAMILIES = ("bert", "modernbert")
+
+
+def check_cache_family(cache: str, family: Optional[str]) -> None:
+    """Raise ConfigError unless `cache` is a known mode that models of `family` support."""
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"sampler.cache={cache!r} is unknown; accepted: {', '.join(CACHE_MODES)}")
+    if cache != "none" and family not in CACHE_FAMILIES:
+        raise ConfigError(
+            f"sampler.cache={cache!r} needs a model family with cache support "
+            f"({', '.join(CACHE_FAMILIES)}); this model is {family!r}: use sampler.cache=none"
+        )
+
+
+def true_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Return [B, L] position ids counted from each row's first real token (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _head(model: nn.Module):
+    from ldm.model import head_transform
+
+    transform, decoder = head_transform(model), model.get_output_embeddings()
+    return lambda hidden: decoder(transform(hidden))
+
+
+def block_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 lo: int, hi: int) -> torch.Tensor:
+    """Return [B, hi - lo, V] logits of an uncached forward, the head run on [lo, hi) only."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=true_positions(attention_mask))[0]
+    return _head(model)(hidden[:, lo:hi])
+
+
+class _Family:
+    """How to run one family's embeddings and layers on a span of positions."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    def layers(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class _Bert(_Family):
+    def layers(self):
+        return list(self.model.base_model.encoder.layer)
+
+    def embed(self, ids, pos):
+        return self.model.base_model.embeddings(input_ids=ids, position_ids=pos)
+
+    def qkv(self, layer, hidden, pos):
+        att = layer.attention.self
+        shape = (*hidden.shape[:2], -1, att.attention_head_size)
+        q, k, v = (m(hidden).view(shape).transpose(1, 2) for m in (att.query, att.key, att.value))
+        return q, k, v, hidden
+
+    def window(self, layer) -> Optional[int]:
+        return None
+
+    def after_attention(self, layer, attended, saved):
+        attention_output = layer.attention.output(attended, saved)
+        return layer.feed_forward_chunk(attention_output)
+
+
+class _ModernBert(_Family):
+    def layers(self):
+        return list(self.model.base_model.layers)
+
+    def embed(self, ids, pos):
+        return self.model.base_model.embeddings(input_ids=ids)
+
+    def qkv(self, layer, hidden, pos):
+        from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
+
+        att = layer.attn
+        normed = layer.attn_norm(hidden)
+        qkv = att.Wqkv(normed).view(*hidden.shape[:2], 3, -1, att.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=-3))
+        cos, sin = self.model.base_model.rotary_emb(normed, pos, layer.attention_type)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        return q, k, v, hidden
+
+    def window(self, layer) -> Optional[int]:
+        # The same inclusive half-window as transformers' bidirectional sliding mask.
+        if layer.attention_type == "sliding_attention":
+            return self.config.sliding_window
+        return None
+
+    def after_attention(self, layer, attended, saved):
+        hidden = saved + layer.attn.out_drop(layer.attn.Wo(attended))
+        return hidden + layer.mlp(layer.mlp_norm(hidden))
+
+    def finish(self, hidden):
+        return self.model.base_model.final_norm(hidden)
+
+
+_FAMILIES = {"bert": _Bert, "modernbert": _ModernBert}
+
+
+def _allowed(keys_real: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor,
+             window: Optional[int]) -> torch.Tensor:
+    """Return a [B, 1, Q, K] bool mask: real keys, within the window; empty rows see all keys."""
+    allowed = keys_real[:, None, None, :].expand(-1, 1, q_index.numel(), -1)
+    if window is not None:
+        near = (q_index[:, None] - k_index[None, :]).abs() <= window
+        allowed = allowed & near[None, None]
+    # A padded query far from every real key would attend to nothing and turn NaN; its output is
+    # never used, but its key/value must stay finite (transformers unmasks such rows the same way).
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+class BlockCache:
+    """Per-layer keys/values of a batch of canvases, kept from the last full forward.
+
+    `logits(ids, attn, rows, lo, hi, block)` returns [R, hi - lo, V] logits for `rows` of the
+    batch. A row whose keys/values come from another block (or none yet), or `refresh_every_step`,
+    gets a full forward that refills its entries; otherwise only the positions of the mode are
+    computed. `positions` counts the query positions the encoder computed, `head_positions` the
+    positions the vocabulary head ran on, `flops` an estimate of both.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, batch: int, *,
+                 refresh_every_step: bool = False):
+        family = getattr(model.config, "model_type", None)
+        check_cache_family(mode, family)
+        if mode == "none":
+            raise ConfigError("BlockCache needs sampler.cache=prefix or dual")
+        if getattr(model.config, "is_decoder", False):
+            raise ConfigError(f"sampler.cache={mode!r} needs a bidirectional encoder; this "
+                              f"{family} is configured as a causal decoder (is_decoder=true)")
+        self.model, self.mode, self.batch = model, mode, batch
+        self.family = _FAMILIES[family](model)
+        self.layer_list = self.family.layers()
+        self.head = _head(model)
+        self.refresh_every_step = refresh_every_step
+        self.keys: List[torch.Tensor] = []
+        self.values: List[torch.Tensor] = []
+        self.block_of = torch.full((batch,), -1, dtype=torch.long)
+        self.positions = self.head_positions = self.full_forwards = 0
+        self.flops = 0.0
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+               lo: int, hi: int, block: int) -> torch.Tensor:
+        """Return [R, hi - lo, V] logits for the `rows` of the batch that `input_ids` holds."""
+        rows_cpu = rows.cpu()
+        stale = self.refresh_every_step or not self.keys or bool(
+            (self.block_of[rows_cpu] != block).any())
+        if stale:
+            hidden = self._forward(input_ids, attention_mask, rows, 0, input_ids.shape[1], store=True)
+            self.block_of[rows_cpu] = block
+            self.full_forwards += 1
+            hidden = hidden[:, lo:hi]
+        else:
+            end = input_ids.shape[1] if self.mode == "prefix" else hi
+            hidden = self._forward(input_ids, attention_mask, rows, lo, end, store=False)
+            hidden = hidden[:, : hi - lo]
+        self.head_positions += hidden.shape[0] * hidden.shape[1]
+        self.flops += flops_estimate(self.model.config, hidden.shape[0], 0, 0, hidden.shape[1])
+        return self.head(hidden)
+
+    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, start: int,
+                 end: int, store: bool) -> torch.Tensor:
+        """Return the final hidden states of positions [start, end) of `rows`."""
+        width = ids.shape[1]
+        pos = true_positions(attn)
+        real = attn.bool()
+        hidden = self.family.embed(ids[:, start:end], pos[:, start:end])
+        q_index = torch.arange(start, end, device=ids.device)
+        k_index = torch.arange(width, device=ids.device)
+        if store and not self.keys:
+            self._allocate(len(self.layer_list), hidden, width)
+        for i, layer in enumerate(self.layer_list):
+            q, k, v, saved = self.family.qkv(layer, hidden, pos[:, start:end])
+            if store:
+                self.keys[i][rows] = k
+                self.values[i][rows] = v
+            else:
+                # Kept entries outside [start, end), fresh ones inside it (indexing copies).
+                keys, values = self.keys[i][rows], self.values[i][rows]
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = v
+                k, v = keys, values
+            mask = _allowed(real, q_index, k_index, self.family.window(layer))
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attended = attended.transpose(1, 2).reshape(*hidden.shape[:2], -1)
+            hidden = self.family.after_attention(layer, attended, saved)
+        self.positions += hidden.shape[0] * hidden.shape[1]
+        self.flops += flops_estimate(self.model.config, hidden.shape[0], hidden.shape[1], width, 0)
+        return self.family.finish(hidden)
+
+    def _allocate(self, layers: int, hidden: torch.Tensor, width: int) -> None:
+        heads = self.model.config.num_attention_heads
+        head_dim = self.model.config.hidden_size // heads
+        shape = (self.batch, heads, width, head_dim)
+        self.keys = [hidden.new_zeros(shape) for _ in range(layers)]
+        self.values = [hidden.new_zeros(shape) for _ in range(layers)]
+
+
+def flops_estimate(config, rows: int, queries: int, keys: int, head_positions: int) -> float:
+    """Return the forward FLOPs of `queries` encoder positions attending to `keys` keys, per row,
+    plus the vocabulary head on `head_positions` positions (multiply-adds counted as 2)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inner = config.intermediate_size
+    # ModernBERT's GLU projects to 2 x intermediate; BERT's MLP to 1 x.
+    mlp = 3 * h * inner if getattr(config, "model_type", "") == "modernbert" else 2 * h * inner
+    per_position = 4 * h * h + mlp  # q, k, v, o projections + MLP
+    encoder = layers * (queries * per_position + 2 * queries * keys * h)
+    head = head_positions * (h * h + h * config.vocab_size)
+    return 2.0 * rows * (encoder + head)
+
+
+def uncached_flops(config, rows: int, width: int, head_positions: int) -> float:
+    """Return the FLOPs of one full forward of `rows` canvases of `width` positions."""
+    return flops_estimate(config, rows, width, width, head_positions)
+
+
+def cache_stats(caches: Dict[str, Optional[BlockCache]]) -> Tuple[int, int, float]:
+    """Return (encoder positions, head positions, FLOPs) summed over the given caches."""
+    live = [c for c in caches.values() if c is not None]
+    return (sum(c.positions for c in live), sum(c.head_positions for c in live),
+            sum(c.flops for c in live))

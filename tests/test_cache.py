@@ -1,0 +1,248 @@
+"""The block-wise approximate KV cache (ldm.sampling.cache) and the entropy-bounded commit rule,
+on tiny random BERT and ModernBERT models with left-padded batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
+                          ModernBertConfig, ModernBertForMaskedLM)
+
+from ldm.errors import ConfigError
+from ldm.sampling import SamplerSettings, generate, hf_logits_fn
+from ldm.sampling.cache import BlockCache, check_cache_family, true_positions
+
+PAD, UNK, CLS, EOS, MASK = 0, 1, 2, 3, 4
+IDS = dict(mask_id=MASK, eos_id=EOS, special_ids=[PAD, UNK, CLS, EOS, MASK], pad_id=PAD)
+VOCAB = 48
+FAMILIES = ("bert", "modernbert")
+
+
+def tiny(family: str) -> torch.nn.Module:
+    """A random tiny masked LM; ModernBERT with a window of 8 so sliding layers matter."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128, initializer_range=0.3)
+    if family == "bert":
+        return BertForMaskedLM(BertConfig(type_vocab_size=1, **common)).eval()
+    return ModernBertForMaskedLM(ModernBertConfig(
+        local_attention=8, global_attn_every_n_layers=2, pad_token_id=PAD, bos_token_id=None,
+        eos_token_id=None, cls_token_id=None, sep_token_id=None, **common)).eval()
+
+
+def prompts(seed: int = 1):
+    """Three prompts of different lengths (so the batch is left-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, VOCAB, (n,), generator=g).tolist() for n in (20, 13, 17)]
+
+
+def padded_batch(seed: int = 2):
+    ids = torch.randint(5, VOCAB, (3, 40), generator=torch.Generator().manual_seed(seed))
+    attn = torch.ones_like(ids)
+    attn[0, :9], attn[1, :3] = 0, 0
+    return ids.masked_fill(attn == 0, PAD), attn
+
+
+def plain(model):
+    """The uncached reference: the whole model, full logits, no access to its layers."""
+    fn = hf_logits_fn(model)
+    return lambda ids, attn: fn(ids, attn)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_refreshed_every_step_gives_the_uncached_logits(family):
+    model = tiny(family)
+    ids, attn = padded_batch()
+    reference = plain(model)
+    cache = BlockCache(model, "dual", 3, refresh_every_step=True)
+    rows = torch.arange(3)
+    with torch.inference_mode():
+        for step, (lo, hi) in enumerate([(24, 32), (24, 32), (32, 40)]):
+            ids[:, lo + step] = 5 + step  # the canvas changes between steps, as when committing
+            got = cache.logits(ids, attn, rows, lo, hi, block=lo // 8)
+            want = reference(ids, attn)[:, lo:hi]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_partial_forward_on_an_unchanged_canvas_equals_the_full_forward(family, mode):
+    # Only the kept keys/values differ between a partial and a full step; on an unchanged canvas
+    # they are exact, so this checks rotary positions, sliding windows and padding of the path.
+    model = tiny(family)
+    ids, attn = padded_batch()
+    want = plain(model)(ids, attn)[:, 24:32]
+    cache = BlockCache(model, mode, 3)
+    rows = torch.arange(3)
+    with torch.inference_mode():
+        cache.logits(ids, attn, rows, 24, 32, block=0)
+        full_positions = cache.positions
+        got = cache.logits(ids, attn, rows, 24, 32, block=0)
+    assert cache.positions - full_positions < full_positions  # it was a partial step
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stale_keys_are_used_until_the_next_block(family):
+    model = tiny(family)
+    ids, attn = padded_batch()
+    cache = BlockCache(model, "dual", 3)
+    rows = torch.arange(3)
+    with torch.inference_mode():
+        cache.logits(ids, attn, rows, 24, 32, block=0)
+        changed = ids.clone()
+        changed[:, 12] = 7  # a prompt token changes: a dual step does not see it ...
+        kept = cache.logits(changed, attn, rows, 24, 32, block=0)
+        fresh = cache.logits(changed, attn, rows, 24, 32, block=1)  # ... a new block does
+        exact = plain(model)(changed, attn)[:, 24:32]
+    assert (kept - exact).abs().max() > 1e-4
+    torch.testing.assert_close(fresh, exact, atol=1e-5, rtol=0)
+
+
+def count_positions(model, family):
+    """Count token positions through each layer's first projection and through the decoder."""
+    counts = {"layers": 0, "head": 0}
+    layers = model.base_model.encoder.layer if family == "bert" else model.base_model.layers
+    first = [layer.attention.self.query if family == "bert" else layer.attn.Wqkv
+             for layer in layers]
+
+    def add(key):
+        return lambda module, args, out: counts.__setitem__(
+            key, counts[key] + args[0].shape[:-1].numel())
+
+    for module in first:
+        module.register_forward_hook(add("layers"))
+    model.get_output_embeddings().register_forward_hook(add("head"))
+    return counts, len(first)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode,recomputed", [("prefix", 16), ("dual", 8)])
+def test_a_cached_step_computes_only_its_positions(family, mode, recomputed):
+    model = tiny(family)
+    ids, attn = padded_batch()  # 3 rows of 40; block [24, 32)
+    counts, layers = count_positions(model, family)
+    cache = BlockCache(model, mode, 3)
+    with torch.inference_mode():
+        cache.logits(ids, attn, torch.arange(3), 24, 32, block=0)
+        assert counts == {"layers": layers * 3 * 40, "head": 3 * 8}
+        rows = torch.tensor([0, 2])  # row 1 has finished
+        cache.logits(ids[rows], attn[rows], rows, 24, 32, block=0)
+    # prefix: the block and the 8 positions after it; dual: the block alone; 2 rows.
+    assert counts["layers"] - layers * 3 * 40 == layers * 2 * recomputed
+    assert counts["head"] - 3 * 8 == 2 * 8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uncached_sampler_runs_the_head_on_the_current_block_only(family):
+    model = tiny(family)
+    counts, _ = count_positions(model, family)
+    result = generate(hf_logits_fn(model), prompts(),
+                      SamplerSettings(max_new_tokens=16, steps=16, block_length=8,
+                                      early_stop=False), **IDS)
+    assert counts["head"] == sum(8 * 3 for _ in range(result.nfe))  # 3 rows x block of 8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_sampler_with_cache_refreshed_every_step_answers_as_uncached(family, mode, cfg_scale):
+    model = tiny(family)
+    settings = dict(max_new_tokens=16, steps=16, block_length=8, threshold=0.2,
+                    cfg_scale=cfg_scale)
+    want = generate(plain(model), prompts(), SamplerSettings(**settings), **IDS)
+    got = generate(hf_logits_fn(model), prompts(),
+                   SamplerSettings(cache=mode, cache_refresh_every_step=True, **settings), **IDS)
+    assert got.tokens == want.tokens
+    assert got.nfe == want.nfe
+    assert [s.committed.tolist() for s in got.history] == \
+        [s.committed.tolist() for s in want.history]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dual_cache_makes_fewer_flops_than_uncached(family):
+    model = tiny(family)
+    settings = dict(max_new_tokens=16, steps=16, block_length=8)
+    none = generate(hf_logits_fn(model), prompts(), SamplerSettings(**settings), **IDS)
+    dual = generate(hf_logits_fn(model), prompts(), SamplerSettings(cache="dual", **settings),
+                    **IDS)
+    assert none.nfe == dual.nfe == 16  # one token per step (llada), 2 blocks
+    assert dual.flops < 0.6 * none.flops
+    assert all(len(t) == 16 for t in dual.tokens)
+
+
+def test_cache_is_refused_for_a_family_without_support():
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1,
+                                                   n_heads=2, hidden_dim=64)).eval()
+    with pytest.raises(ConfigError, match=r"sampler.cache='dual'.*bert, modernbert.*'distilbert'"):
+        generate(hf_logits_fn(model), prompts(),
+                 SamplerSettings(max_new_tokens=8, steps=8, block_length=8, cache="dual"), **IDS)
+    check_cache_family("none", "distilbert")  # uncached sampling works for every family
+    with pytest.raises(ConfigError, match="sampler.cache='full'.*none, prefix, dual"):
+        check_cache_family("full", "bert")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(rule="entropy_bound", gamma=0.0), "sampler.gamma=0.0 must be > 0"),
+    (dict(rule="entropy_bound", gamma=None), "sampler.gamma=None must be > 0"),
+    (dict(rule="entropy_bound", gamma=0.5, threshold=0.9), "threshold=0.9 and rule='entropy_bound'"),
+    (dict(rule="commit", gamma=0.5), "sampler.gamma=0.5 is used only by"),
+    (dict(cache="full"), "sampler.cache='full' is unknown"),
+])
+def test_bad_entropy_bound_settings_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplerSettings(max_new_tokens=8, steps=8, block_length=8, **bad)
+
+
+class Peaked:
+    """Fake model: answer position j gets a distribution with probability p[j] on token 10 + j
+    and the rest spread evenly, so its entropy is known."""
+
+    def __init__(self, peaks):
+        self.peaks = torch.tensor(peaks, dtype=torch.float64)
+
+    def __call__(self, ids, attn):
+        n = len(self.peaks)
+        probs = ((1 - self.peaks) / (VOCAB - 1))[:, None].expand(n, VOCAB).clone()
+        probs[torch.arange(n), 10 + torch.arange(n)] = self.peaks
+        logits = torch.zeros(ids.shape[0], ids.shape[1], VOCAB)
+        logits[:, -n:] = probs.log().float()
+        return logits
+
+
+def entropy(p: float) -> float:
+    rest = (1 - p) / (VOCAB - 1)
+    return float(-(p * torch.log(torch.tensor(p)) + (VOCAB - 1) * rest * torch.log(torch.tensor(rest))))
+
+
+def test_entropy_bound_commits_the_most_confident_while_summed_entropy_stays_under_gamma():
+    peaks = [0.99, 0.5, 0.999, 0.9, 0.3, 0.95, 0.6, 0.98]
+    by_confidence = sorted(range(8), key=lambda j: -peaks[j])
+    cumulative = torch.tensor([entropy(peaks[j]) for j in by_confidence]).cumsum(0)
+    gamma = float(cumulative[3] + cumulative[4]) / 2  # room for exactly the four surest
+    settings = dict(max_new_tokens=8, steps=8, block_length=8, rule="entropy_bound")
+    result = generate(Peaked(peaks), [[7, 8, 9]], SamplerSettings(gamma=gamma, **settings), **IDS)
+    first = result.history[0].committed[0]
+    assert first.nonzero().squeeze(1).tolist() == sorted(by_confidence[:4])
+    assert result.tokens[0] == [10 + j for j in range(8)]
+    tight = generate(Peaked(peaks), [[7, 8, 9]], SamplerSettings(gamma=1e-6, **settings), **IDS)
+    assert tight.nfe == 8  # always at least one commit per step, never more beyond the bound
+
+
+def test_true_positions_count_from_the_first_real_token():
+    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert true_positions(attn).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_sample_task_runs_with_dual_cache_and_entropy_bound(tmp_path):
+    from test_sample_task import make_export, sample
+
+    export = make_export(tmp_path / "chat", chat=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the king spoke\nwho walked in the field?\n")
+    _, records = sample(tmp_path, export, f"prompts_file={prompts}", "sampler=entropy_bound",
+                        "sampler.cache=dual", "sampler.gamma=0.3")
+    assert len(records) == 2
+    assert records[0]["sampler"]["cache"] == "dual"
+    assert all(r["nfe"] >= 1 for r in records)
