@@ -41,7 +41,7 @@ def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopC
         lr_schedule=task.lr_schedule, warmup_steps=task.warmup_steps,
         min_lr_ratio=task.min_lr_ratio, grad_clip=task.grad_clip, log_every=task.log_every,
         eval_every=task.eval_every, eval_batches=task.eval_batches,
-        eval_t_grid=task.eval_t_grid, save_every=task.save_every, keep_last=task.keep_last,
+        eval_t_grid=task.eval_t_grid, eval_mc_samples=task.eval_mc_samples, save_every=task.save_every, keep_last=task.keep_last,
         export_every=task.export_every, schedule=masking.schedule,
         time_sampling=masking.time_sampling, eps=masking.eps,
         normalizer=masking.normalizer or task.normalizer or normalizer_default, seed=cfg.seed,
@@ -169,6 +169,9 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     if not cfg.init_from and cfg.context.length > cfg.model.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds model.max_positions="
                           f"{cfg.model.max_positions} of model={cfg.model.name}")
+    for key in ("eval_t_grid", "eval_mc_samples"):
+        if cfg.task[key] < 1:
+            raise ConfigError(f"task.{key}={cfg.task[key]} must be >= 1")
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.init_from}" if cfg.init_from else "")
     splits, manifest = load_prepared(data_dir, command)

@@ -54,6 +54,7 @@ class LoopConfig:
     eval_every: int = 0
     eval_batches: int = 4
     eval_t_grid: int = 8
+    eval_mc_samples: int = 2
     save_every: int = 0
     keep_last: int = 2
     export_every: int = 0
@@ -307,5 +308,6 @@ def evaluate(wrapped, eval_data, collate: Collate, cfg: LoopConfig, device) -> D
     wrapped.eval()
     batches = fixed_batches(eval_data, cfg.eval_batches, cfg.micro_batch_size, collate, device)
     result = heldout_nelbo(wrapped, batches, schedule=cfg.schedule, eps=cfg.eps,
-                           grid_points=cfg.eval_t_grid, mask_id=cfg.mask_id, seed=cfg.seed)
+                           grid_points=cfg.eval_t_grid, mask_id=cfg.mask_id, seed=cfg.seed,
+                           samples=cfg.eval_mc_samples)
     return {f"eval_{k}": v for k, v in result.items()}

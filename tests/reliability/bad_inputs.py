@@ -97,7 +97,7 @@ CASES = [
          "table.csv", ".jsonl"),
     # --- prompts -----------------------------------------------------------------------------
     case("empty_prompt", [*SAMPLE, "prompt=''"], "prompt is empty"),
-    case("prompt_longer_than_model", [*SAMPLE, LONG_PROMPT], "max_position_embeddings=128"),
+    case("prompt_longer_than_model", [*SAMPLE, LONG_PROMPT], "max_positions=128"),
     case("control_characters_in_prompt", [*SAMPLE, "prompt='hello\x1b[2Jworld'"],
          "control character", "U+001B"),
     case("nul_in_prompts_file", [*SAMPLE, "prompts_file={files}/nul_prompt.txt"],
