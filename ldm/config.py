@@ -71,7 +71,6 @@ class TrainTaskConfig(TaskConfig):
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine, linear)
     grad_clip: float = 1.0  # 0 = off
-    normalizer: str = "token"  # token | sequence | masked ; masking.normalizer overrides
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 4  # held-out batches per evaluation
@@ -193,7 +192,7 @@ class MaskingConfig:
     schedule: str = "linear"
     time_sampling: str = "uniform"  # uniform | antithetic
     eps: float = 1e-3
-    normalizer: Optional[str] = None  # token | sequence | masked ; None = the task's default
+    normalizer: Optional[str] = None  # token | sequence | masked ; None = text: token, chat: sequence
 
 
 @dataclass

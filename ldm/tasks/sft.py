@@ -70,6 +70,6 @@ def run(cfg: DictConfig) -> float:
 
     # the settings of the samples taken at each evaluation, checked before anything trains
     settings = sampler_settings(cfg) if cfg.task.eval_samples > 0 else None
-    return run_training(cfg, kind="chat", normalizer_default="sequence",
+    return run_training(cfg, kind="chat",
                         collate_for=lambda tok: chat_collate(tok.pad_token_id),
                         on_eval_for=sample_hook(cfg, settings) if settings else None)

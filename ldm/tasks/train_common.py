@@ -11,6 +11,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.masking import normalizer_for
 from ldm.train.loop import LoopConfig
 
 log = logging.getLogger("ldm")
@@ -30,7 +31,7 @@ def check_writable(folder: str | Path, what: str) -> None:
                        "fix its permissions or set paths.outputs / LDM_OUTPUTS elsewhere") from err
 
 
-def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopConfig:
+def loop_config(cfg: DictConfig, mask_id: int) -> LoopConfig:
     """Return the loop's plain settings from the task, hardware and masking groups."""
     task, hw, masking = cfg.task, cfg.hardware, cfg.masking
     return LoopConfig(
@@ -44,7 +45,7 @@ def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopC
         eval_t_grid=task.eval_t_grid, eval_mc_samples=task.eval_mc_samples, save_every=task.save_every, keep_last=task.keep_last,
         export_every=task.export_every, schedule=masking.schedule,
         time_sampling=masking.time_sampling, eps=masking.eps,
-        normalizer=masking.normalizer or task.normalizer or normalizer_default, seed=cfg.seed,
+        normalizer=normalizer_for(masking.normalizer, cfg.dataset.kind), seed=cfg.seed,
         mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
         skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
         compile=cfg.model.compile,
@@ -141,8 +142,7 @@ def remember_mlflow_run(run_dir: Path, run_id: Optional[str]) -> None:
         tmp.replace(run_dir / MLFLOW_RUN_FILE)
 
 
-def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default: str,
-                 on_eval_for=None) -> float:
+def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None) -> float:
     """Train on the prepared data this config names, export, and return the final held-out NELBO.
 
     `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
@@ -181,7 +181,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
     if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
-    loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
+    loop_cfg = loop_config(cfg, tokenizer.mask_token_id)
     validate(loop_cfg, cfg.hardware.num_processes)
     launch = accelerate_settings(cfg)
     accelerator = make_accelerator(loop_cfg)
