@@ -19,8 +19,11 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     from ldm.export import read_export
     from ldm.hub import is_local
 
+    from ldm.tasks import hint
+
     if cfg.init_from and is_local(cfg.init_from):
-        positions = read_export(cfg.init_from, "init_from").max_positions
+        with hint("pass an export folder from outputs/models/ or a hub id"):
+            positions = read_export(cfg.init_from, "init_from").max_positions
     elif cfg.init_from:
         positions = None  # a hub model: its limit is checked once it loads
     else:
