@@ -81,7 +81,9 @@ class TrainTaskConfig(TaskConfig):
     export_every: int = 0  # 0 = only at the end
     resume: bool = True  # continue from the latest checkpoint of this run_name
     resume_from: Optional[str] = None  # a specific checkpoint folder
-    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+    # skip (and count) steps with a non-finite loss instead of stopping; a skipped step, like an
+    # fp16 loss-scale overflow, does not advance the lr schedule (refused under DeepSpeed)
+    skip_nonfinite: bool = False
     sparse_logits: bool = True  # logits only at masked positions
     eval_samples: int = 4  # sft: held-out prompts answered with the sampler at each evaluation
 
@@ -156,11 +158,12 @@ class ModelConfig:
     architecture: Optional[str] = None  # transformers model_type when built from config
     arch: Dict[str, Any] = field(default_factory=dict)  # config kwargs when built from config
     missing_keys_ok: List[str] = field(default_factory=list)  # key patterns expected to be new
-    attn_implementation: str = "sdpa"
+    # auto (flash_attention_2 on CUDA in bf16/fp16 when flash_attn is installed, else sdpa) |
+    # sdpa | eager | flash_attention_2
+    attn_implementation: str = "auto"
     dtype: str = "float32"
     dropout: Optional[float] = None  # set every dropout probability; null = the checkpoint's
     gradient_checkpointing: bool = False
-    compile: bool = False
     trust_remote_code: bool = False
 
 
@@ -238,7 +241,9 @@ class HardwareConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    dataloader_workers: int = 0
+    compile: bool = False  # torch.compile each encoder layer (per layer: DDP/FSDP2 overlap stays)
+    # no dataloader_workers: the loop gathers each micro-batch from the memory-mapped arrow rows in
+    # the training process (no DataLoader), which costs microseconds per step
     accelerate_config: Optional[str] = None
 
 

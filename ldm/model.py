@@ -9,6 +9,8 @@ the largest activation of the whole model for a 50k vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import importlib.util
 import logging
@@ -25,7 +27,13 @@ log = logging.getLogger("ldm")
 
 SOURCES = ("hub", "package", "export", "config")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+HALF_DTYPES = ("bfloat16", "float16")
+# Grown embeddings get a row count that is a multiple of this: GPU matmuls over the vocabulary
+# (the decoder, its gradient) run on aligned tiles. Rows past len(tokenizer) are no token: they
+# are never targets and get a decoder bias that leaves them no probability (silence_padding_rows).
+VOCAB_MULTIPLE = 64
+PADDING_BIAS = -1e4  # decoder bias of padding rows: exp(-1e4) is 0 even in float64; fits fp16
 
 # Heads that an MLM model has no place for, by construction: BertForMaskedLM is built without a
 # pooler, and the NSP head of a BertForPreTraining checkpoint is a different task. Dropping them
@@ -139,9 +147,47 @@ def check_attn_implementation(name: str) -> str:
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
             "model.attn_implementation='flash_attention_2' needs the flash_attn package, which is "
-            "not installed; use sdpa or install flash-attn"
+            "not installed; use auto or sdpa, or install flash-attn"
         )
     return name
+
+
+def resolve_attention(name: str, device: Optional[str] = None, half_precision: bool = False) -> str:
+    """Return the attention implementation to build with: `name`, or for "auto" the fastest here.
+
+    auto = flash_attention_2 when flash_attn is importable, the device is CUDA and the model runs
+    in bf16/fp16 (weights or autocast; the kernel has no fp32 path), else sdpa. ModernBERT's
+    sliding-window layers get a real windowed kernel (and unpadded batches) only from flash
+    attention; under sdpa they multiply a dense [L, L] mask. Any other name is an override.
+    """
+    check_attn_implementation(name)
+    if name != "auto":
+        return name
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and half_precision and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def silence_padding_rows(model: nn.Module, vocab_size: int) -> None:
+    """Give the decoder rows past `vocab_size` a bias of PADDING_BIAS: they get no probability.
+
+    They are no token, so no target ever raises them; with this bias their softmax probability
+    is 0 in float32 from the first step (their gradient too, so training leaves them there) and
+    no sampler temperature brings them near a real token, whatever ids a caller bans. It also
+    keeps them out of the loss's normaliser from the first step.
+    """
+    decoder = model.get_output_embeddings()
+    bias = getattr(decoder, "bias", None)
+    if bias is None or bias.shape[0] <= vocab_size:
+        return
+    with torch.no_grad():
+        bias[vocab_size:] = PADDING_BIAS
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Return the embedding rows a model resized for `vocab_size` tokens gets (next multiple of 64)."""
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def package_model_dir(package: str) -> Path:
@@ -196,6 +242,20 @@ def set_dropout(config, p: Optional[float]) -> None:
             setattr(config, key, float(p))
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and tied-weights warning while loading: ldm checks the
+    missing and unexpected keys itself (check_loading_info) and names what it accepts."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin: str):
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -210,7 +270,9 @@ def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        with quiet_transformers():
+            model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True,
+                                                               **kwargs)
     except SafetensorError as err:
         raise LdmError(f"{origin}: model.safetensors cannot be read ({err}); the file is damaged "
                        "or incomplete: export or download it again") from err
@@ -277,20 +339,25 @@ def load_model(
     vocab_size: Optional[int] = None,
     max_positions: Optional[int] = None,
     missing_keys_ok: Sequence[str] = (),
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     dropout: Optional[float] = None,
 ) -> nn.Module:
-    """Return an AutoModelForMaskedLM from hub | package | export | config, sized to vocab_size."""
+    """Return an AutoModelForMaskedLM from hub | package | export | config, sized to vocab_size.
+
+    A model with exactly vocab_size rows is kept as it is; otherwise its embeddings (and tied
+    decoder) are resized to padded_vocab(vocab_size) rows, which an export then keeps.
+    """
     if source not in SOURCES:
         raise ConfigError(f"model.source={source!r} is not known; use one of {', '.join(SOURCES)}")
     if source != "config" and not pretrained:
         raise ConfigError(f"model.source={source!r} needs model.pretrained (an id, package or dir)")
     kwargs: Dict[str, Any] = {
         "dtype": resolve_dtype(dtype),
-        "attn_implementation": check_attn_implementation(attn_implementation),
+        "attn_implementation": resolve_attention(attn_implementation,
+                                                 half_precision=dtype in HALF_DTYPES),
         "trust_remote_code": trust_remote_code,
         "dropout": dropout,
     }
@@ -318,9 +385,12 @@ def load_model(
             f"model.max_positions={max_positions} exceeds the {limit} positions this model was "
             f"built with; use at most {limit}"
         )
-    if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and rows not in (vocab_size, padded_vocab(vocab_size)):
         # resize_token_embeddings re-ties a tied decoder (weight and bias) to the new matrix.
-        model.resize_token_embeddings(vocab_size)
+        with quiet_transformers():  # its note on how new rows are initialised is not news
+            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+        silence_padding_rows(model, vocab_size)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with torch.compile.
         # transformers 5.x renamed gradient_* to activation_checkpointing_* (old names warn).
@@ -333,11 +403,24 @@ def load_model(
     return model.eval()
 
 
+def compiled_blocks(model: nn.Module) -> list:
+    """Return the repeated encoder blocks (items of the encoder's ModuleLists) of `model`."""
+    return [block for blocks in model.base_model.modules() if isinstance(blocks, nn.ModuleList)
+            for block in blocks]
+
+
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
-    """Return `model` with its encoder compiled in place when `enabled` (else untouched)."""
+    """Return `model` with each encoder block compiled in place when `enabled` (else untouched).
+
+    Per block, not the whole encoder: DDP overlaps a block's gradient all-reduce with the
+    backward of the blocks before it only when the graph breaks at block boundaries, FSDP2
+    gathers and frees weights per block, and every block of one shape reuses one compiled graph.
+    In place (nn.Module.compile), so state_dict keys stay the transformers ones. The head sees a
+    different number of masked rows every step; compiling it buys little.
+    """
     if enabled:
-        # The encoder only, in place: `masked_logits` calls base_model directly, so wrapping the
-        # whole model would compile nothing it runs, and in-place keeps state_dict keys unchanged.
-        # The head sees a different number of masked rows every step; compiling it buys little.
-        model.base_model.compile(dynamic=None)
+        blocks = compiled_blocks(model)
+        for block in blocks or [model.base_model]:
+            block.compile(dynamic=None)
+        log.info("compiled %d encoder blocks", len(blocks) or 1)
     return model

@@ -183,3 +183,25 @@ def test_launched_process_count_must_match_hardware_num_processes():
     with pytest.raises(ConfigError) as err:
         check_world_size(8, 1)
     assert "hardware.num_processes=8" in str(err.value) and "1 process(es)" in str(err.value)
+
+
+def test_fsdp_preset_reduces_gradients_in_fp32_like_the_ddp_presets():
+    import torch
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = plugin_from(REPO / preset("h100x8_fsdp").accelerate_config, FullyShardedDataParallelPlugin)
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does for mixed_precision: bf16
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16, "accelerate's default"
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                                  state=SimpleNamespace(fsdp_plugin=plugin))
+    fit_sharding(accelerator, tiny_modernbert(), LoopConfig(max_steps=1, global_batch_size=8,
+                                                            micro_batch_size=1, accumulation=1,
+                                                            mask_id=3))
+    policy = plugin.mixed_precision_policy
+    assert policy.reduce_dtype == torch.float32
+    assert policy.param_dtype == torch.bfloat16, "compute stays bf16"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_no_preset_sets_an_option_nothing_reads(name):
+    assert "dataloader_workers" not in (CONF / "hardware" / f"{name}.yaml").read_text()

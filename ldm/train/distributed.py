@@ -1,10 +1,12 @@
-"""Multi-process specifics of the loop: world size, FSDP layer wrapping, DeepSpeed settings,
-and exporting from sharded weights."""
+"""Multi-process specifics of the loop: world size, FSDP layer wrapping and gradient precision,
+DeepSpeed settings, and exporting fp32 weights from sharded or mixed-precision engines."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Sequence
 
 import torch
 
@@ -52,14 +54,58 @@ def layers_to_wrap(model: torch.nn.Module, names: Sequence[str], source: str) ->
     return found
 
 
+def check_deepspeed(distributed_type, skip_nonfinite: bool) -> None:
+    """Raise ConfigError for task.skip_nonfinite=true under DeepSpeed, which cannot skip a step.
+
+    accelerate's DeepSpeed wrapper steps the engine inside `backward`, so the update of a
+    non-finite step is applied before the loop can look at the loss or the gradient norm.
+    """
+    if skip_nonfinite and distributed_type == "DEEPSPEED":  # DistributedType is a str enum
+        raise ConfigError(
+            "task.skip_nonfinite=true cannot be honoured under DeepSpeed (its engine applies the "
+            "update inside backward, before the loop sees the loss); set task.skip_nonfinite=false "
+            "or use a DDP/FSDP hardware preset")
+
+
+def fp32_reduce_policy(policy):
+    """Return the FSDP mixed-precision `policy` with gradients reduced in fp32 (None stays None).
+
+    accelerate's bf16 policy reduces gradients in bf16; the DDP presets all-reduce fp32
+    gradients, and the presets must train the same model.
+    """
+    if policy is None or getattr(policy, "reduce_dtype", None) in (None, torch.float32):
+        return policy
+    return dataclasses.replace(policy, reduce_dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def keep_fp32_buffers(model: torch.nn.Module, pattern: str = "inv_freq") -> Iterator[None]:
+    """Restore `model`'s fp32 buffers named *pattern* after the block (which may cast the model).
+
+    DeepSpeed's bf16 mode casts the whole module, buffers too; ModernBERT's rotary inv_freq in
+    bf16 is off by up to ~1 rad at position 1023. The rotary embedding computes its angles in
+    fp32 from these buffers, so restoring them restores exact positions.
+    """
+    saved = {(module, name): buf.detach().clone()
+             for module in model.modules() for name, buf in module.named_buffers(recurse=False)
+             if pattern in name and buf is not None and buf.dtype == torch.float32}
+    yield
+    for (module, name), value in saved.items():
+        current = module._buffers.get(name)
+        if current is not None and current.dtype != torch.float32:
+            module._buffers[name] = value.to(current.device)
+
+
 def fit_sharding(accelerator, model: torch.nn.Module, cfg: LoopConfig) -> None:
-    """Point FSDP's layer wrapping and DeepSpeed's batch numbers at this model and config."""
+    """Point FSDP's layer wrapping, gradient precision and DeepSpeed's batch numbers at this run."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
         names = plugin.transformer_cls_names_to_wrap or layer_classes(model)
         plugin.transformer_cls_names_to_wrap = layers_to_wrap(model, names, "the launched FSDP config")
+        # before prepare: fully_shard takes the policy when it wraps the layers
+        plugin.mixed_precision_policy = fp32_reduce_policy(plugin.mixed_precision_policy)
     elif accelerator.distributed_type == DistributedType.DEEPSPEED:
         # no dataloader is prepared, so DeepSpeed learns its micro-batch and clipping from us
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -74,14 +120,43 @@ def fit_sharding(accelerator, model: torch.nn.Module, cfg: LoopConfig) -> None:
                 ds[key] = value
 
 
+def fp32_state_dict(mlm: torch.nn.Module, full_fp32: Callable[[torch.nn.Parameter], object]
+                    ) -> Dict[str, torch.Tensor]:
+    """Return `mlm`'s state dict with every parameter replaced by `full_fp32(param)` (fp32, CPU).
+
+    Tied parameters (decoder = embeddings) map to one tensor under each of their names; floating
+    buffers are cast to fp32. `full_fp32` returns None for a parameter it holds no master of.
+    """
+    masters: Dict[int, torch.Tensor] = {}
+    by_name: Dict[str, torch.Tensor] = {}
+    for name, param in mlm.named_parameters(remove_duplicate=False):
+        if id(param) not in masters:
+            full = full_fp32(param)
+            masters[id(param)] = (param.detach() if full is None else full).float().cpu()
+        by_name[name] = masters[id(param)]
+    out = {}
+    for key, value in mlm.state_dict().items():
+        out[key] = by_name.get(key, value.float().cpu() if value.is_floating_point() else value.cpu())
+    return out
+
+
 def export_main(accelerator, wrapped, export: Callable[..., Path], step: int) -> None:
-    """Export the masked LM from the main process; FSDP shards are gathered by every process."""
+    """Export the masked LM from the main process in fp32.
+
+    FSDP shards are gathered by every process; under DeepSpeed every process joins in assembling
+    the fp32 master weights from the optimizer's partitions (the module holds bf16 copies).
+    """
     from accelerate.utils import DistributedType
 
     weights = None
     if accelerator.distributed_type == DistributedType.FSDP:
         full = accelerator.get_state_dict(wrapped)
         weights = {k[len("mlm."):]: v for k, v in full.items() if k.startswith("mlm.")}
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        weights = fp32_state_dict(unwrap(accelerator.unwrap_model(wrapped)).mlm,
+                                  safe_get_full_fp32_param)
     if accelerator.is_main_process:
         mlm = unwrap(accelerator.unwrap_model(wrapped)).mlm
         if weights is None:

@@ -3,6 +3,9 @@
 accelerate drives devices, mixed precision and gradient accumulation (no all-reduce on the
 accumulation micro-steps); which rows a step reads and how they are masked are pure functions of
 (seed, step, micro-batch, rank), so a resumed run continues exactly where it stopped.
+
+Skipped steps (see ldm/train/update.py) still count towards max_steps but do not advance the
+lr schedule.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from ldm.masking import normalizer_for
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
-from ldm.train.distributed import export_main, fit_sharding
+from ldm.train.distributed import check_deepspeed, export_main, fit_sharding, keep_fp32_buffers
 from ldm.train.objective import check_normalizer, diffusion_step
+from ldm.train.update import apply_update
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +137,11 @@ def make_accelerator(cfg: LoopConfig):
 
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"hardware.mixed_precision={cfg.mixed_precision!r}; accepted: no, bf16, fp16")
-    return Accelerator(gradient_accumulation_steps=cfg.accumulation, cpu=cfg.cpu,
-                       mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.accumulation, cpu=cfg.cpu,
+                              mixed_precision=cfg.mixed_precision,
+                              step_scheduler_with_optimizer=False)
+    check_deepspeed(accelerator.distributed_type, cfg.skip_nonfinite)
+    return accelerator
 
 
 def validate(cfg: LoopConfig, processes: int) -> None:
@@ -169,7 +176,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     fit_sharding(accelerator, model, cfg)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    with keep_fp32_buffers(model):  # DeepSpeed bf16 casts buffers too
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     sharded = accelerator.distributed_type == "FSDP"
     if sharded and on_eval is not None:
         log.warning("FSDP: the evaluation hook (e.g. sampled answers) is skipped while training; "
@@ -178,7 +186,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     # with weights_only=False; its whole state is the number of optimizer steps taken, saved in
     # trainer_state.json (the optimizer's own state restores the current lr).
 
-    state = {"tokens_seen": 0, "skipped_steps": 0, "scheduler_steps": 0, **cfg.extra_state}
+    state = {"tokens_seen": 0, "skipped_steps": 0, "scaler_skipped_steps": 0, "scheduler_steps": 0,
+             **cfg.extra_state}
     start = 0
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
@@ -197,8 +206,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
                            "it was saved by a different architecture or vocabulary") from err
         start = int(saved["step"])
-        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scheduler_steps")
-                      if k in saved})
+        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
+                                            "scheduler_steps") if k in saved})
         scheduler.last_epoch = int(state["scheduler_steps"])
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         log.info("resumed from %s at step %d", source, start)
@@ -249,25 +258,10 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             # DeepSpeed clips inside its engine and may report no norm
             norm = float("nan") if grad_norm is None else float(grad_norm)
             done = step + 1
-            if not (math.isfinite(float(step_loss)) and (grad_norm is None or math.isfinite(norm))):
-                if not cfg.skip_nonfinite:
-                    last = ckpt.latest_checkpoint(run_dir)
-                    raise LdmError(
-                        f"non-finite loss ({float(step_loss)}) or gradient norm at step {done}; "
-                        f"stopped. Resume point: {last or 'none (no checkpoint yet)'}. Lower task.lr "
-                        "or check the data, or set task.skip_nonfinite=true to skip such steps"
-                    )
-                # skipped: no update, but the step still counts, so its checkpoint/export happen
-                optimizer.zero_grad(set_to_none=True)
-                state["skipped_steps"] += 1
-                log.warning("non-finite loss or gradient norm at step %d: step skipped, weights "
-                            "unchanged (%d skipped so far)", done, state["skipped_steps"])
-                tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=done)
-            else:
-                optimizer.step()
-                scheduler.step()
-                state["scheduler_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
+            applied = apply_update(accelerator, optimizer, scheduler, state, loss=float(step_loss),
+                                   grad_norm=grad_norm, step=done, skip_nonfinite=cfg.skip_nonfinite,
+                                   run_dir=run_dir, tracker=tracker)
+            if applied:
                 state["tokens_seen"] += tokens
                 window["loss"] += float(step_loss)
                 window["masked"] += float(step_masked)
@@ -289,6 +283,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 final.update(metrics)
                 window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0,
                           "time": time.perf_counter()}
+            if done == cfg.max_steps:  # checkpoint first: a failing final evaluation or export
+                ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
                 evals = evaluate(wrapped, eval_data, collate, cfg, device)
                 if accelerator.is_main_process:
@@ -299,7 +295,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                             on_eval(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
                 final.update(evals)
                 wrapped.train()
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
             if (cfg.export_every and done % cfg.export_every == 0) or done == cfg.max_steps:
                 export_main(accelerator, wrapped, export, done)
@@ -307,7 +303,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             accelerator.wait_for_everyone()
     finally:
         bar.close()
-    final.update({"tokens_seen": state["tokens_seen"], "skipped_steps": state["skipped_steps"]})
+    final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
+                                        "scheduler_steps")})
     return final
 
 
