@@ -71,11 +71,11 @@ class TrainTaskConfig(TaskConfig):
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine, linear)
     grad_clip: float = 1.0  # 0 = off
-    normalizer: str = "token"  # token | sequence | masked ; masking.normalizer overrides
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 4  # held-out batches per evaluation
-    eval_t_grid: int = 8  # fixed t values (midpoints of equal bins of [eps, 1]) per batch
+    eval_t_grid: int = 8  # t strata of [eps, 1], one t drawn in each per row (= evaluate's t_grid)
+    eval_mc_samples: int = 2  # masks per stratum and row (= evaluate's mc_samples)
     save_every: int = 500  # 0 = only at the end
     keep_last: int = 2
     export_every: int = 0  # 0 = only at the end
@@ -131,8 +131,8 @@ class EvaluateTaskConfig(TaskConfig):
     """Held-out NELBO of an export and, on chat data, its sampled answers scored."""
 
     name: str = "evaluate"
-    t_grid: int = 8  # fixed t values (midpoints of equal bins of [eps, 1]) for the NELBO
-    mc_samples: int = 2  # independent masks per t value and row
+    t_grid: int = 8  # t strata of [eps, 1]; each row draws one t in each (stratified, unbiased)
+    mc_samples: int = 2  # independent draws (t and mask) per stratum and row
     max_rows: Optional[int] = None  # held-out rows in the NELBO; null = the whole test split
     max_examples: int = 64  # chat data: held-out prompts answered with the sampler; 0 = none
     batch_size: int = 8  # rows per NELBO batch and prompts per sampler batch
@@ -220,7 +220,7 @@ class MaskingConfig:
     schedule: str = "linear"
     time_sampling: str = "uniform"  # uniform | antithetic
     eps: float = 1e-3
-    normalizer: Optional[str] = None  # token | sequence | masked ; None = the task's default
+    normalizer: Optional[str] = None  # token | sequence | masked ; None = text: token, chat: sequence
 
 
 @dataclass

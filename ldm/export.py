@@ -233,8 +233,7 @@ def read_export(where: Optional[str], what: str = "checkpoint") -> Export:
                    if not any((folder / f).is_file() for f in files)]
         if lacking:
             raise ConfigError(f"{what}={where!r} is not an export: it has no "
-                              f"{', no '.join(lacking)}; pass a folder from outputs/models/ or a "
-                              "hub id")
+                              f"{', no '.join(lacking)}")
         try:
             config = json.loads((folder / "config.json").read_text())
         except (ValueError, UnicodeDecodeError) as err:
@@ -244,7 +243,7 @@ def read_export(where: Optional[str], what: str = "checkpoint") -> Export:
         return Export(str(folder.resolve()), False, config, info, _read_run_config(folder))
     if folder.exists() or not HUB_ID.match(str(where)):
         raise ConfigError(f"{what}={where!r} does not exist: it is neither an export "
-                          "folder nor a hub id; pass a folder from outputs/models/ or a hub id")
+                          "folder nor a hub id")
     from transformers import AutoConfig
 
     from ldm.hub import require_hub

@@ -19,6 +19,26 @@ import torch
 from ldm.errors import ConfigError
 
 TIME_SAMPLING = ("uniform", "antithetic")
+# What the summed masked-token loss is divided by: the batch's token positions (LLaDA
+# pretraining), each sequence's maskable (answer) length (LLaDA SFT), or the masked count.
+NORMALIZERS = ("token", "sequence", "masked")
+# `masking.normalizer: null` means the data's natural one: text rows are all maskable, chat rows
+# only in their answers, whose lengths differ per sequence.
+DEFAULT_NORMALIZER = {"text": "token", "chat": "sequence"}
+
+
+def check_normalizer(normalizer: str) -> str:
+    """Return `normalizer` if it is known, else raise ConfigError listing the known ones."""
+    if normalizer not in NORMALIZERS:
+        raise ConfigError(
+            f"masking.normalizer={normalizer!r} is not known; use one of {', '.join(NORMALIZERS)}"
+        )
+    return normalizer
+
+
+def normalizer_for(normalizer: Optional[str], data_kind: str) -> str:
+    """Return the loss normaliser: `normalizer` if set, else the default of `data_kind`."""
+    return check_normalizer(normalizer if normalizer is not None else DEFAULT_NORMALIZER[data_kind])
 
 
 @dataclass(frozen=True)

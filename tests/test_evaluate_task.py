@@ -275,3 +275,21 @@ def test_data_prepared_with_another_tokenizer_is_refused(exports, monkeypatch, t
     with pytest.raises(DataError, match="does not share") as err:
         run(_config(elsewhere, *TINY, *text, f"checkpoint={chat}"))
     assert "task=prepare dataset=local_text model=modernbert_tiny context=ctx64" in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_last_training_evaluation_equals_task_evaluate_on_its_export(exports):
+    from ldm.tasks.evaluate import run
+
+    outputs, _, _, corpus = exports
+    text = [*TINY, "dataset=local_text", f"dataset.paths=[{corpus}/*.txt]"]
+    proc = run_cli(["task=pretrain", *text, "task.max_steps=2", "task.global_batch_size=4",
+                    "hardware.micro_batch_size=4", "task.eval_batches=2", "task.eval_every=0",
+                    "task.save_every=0", "run_name=agree"], outputs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = next(r for r in find_runs(local_store_uri(outputs), "pretrain")
+                   if r.info.run_name == "agree").data.metrics["eval_nelbo"]
+    # the same 8 held-out rows, in batches of 3 instead of 4; t strata and masks by default
+    evaluated = run(_config(outputs, *text, f"checkpoint={outputs / 'models' / 'agree'}",
+                            "task.max_rows=8", "task.batch_size=3", "run_name=agree-eval"))
+    assert evaluated == pytest.approx(trained, rel=1e-5)

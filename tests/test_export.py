@@ -106,3 +106,15 @@ def test_sft_refuses_bad_sampler_settings_before_training_starts(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "sampler.block_length=24" in lines[0]
     assert not list(tmp_path.glob("runs/sft/*/checkpoints")) and not (tmp_path / "models").exists()
+
+
+def test_the_library_states_the_problem_and_the_task_adds_the_hint(tmp_path):
+    from ldm.tasks.checkpoints import resolve_checkpoint
+
+    with pytest.raises(ConfigError) as plain:
+        read_export(str(tmp_path / "absent"))
+    assert "does not exist" in str(plain.value) and "outputs/models" not in str(plain.value)
+    with pytest.raises(ConfigError) as hinted:
+        resolve_checkpoint(str(tmp_path / "absent"), "sample")
+    assert str(hinted.value).endswith("; pass an export folder from outputs/models/ or a hub id")
+    assert str(hinted.value).count("\n") == 0

@@ -138,3 +138,29 @@ def test_linear_mask_rate_follows_each_rows_own_t():
     ids = torch.zeros(3, 20_000, dtype=torch.long)
     _, masked = apply_mask(ids, torch.ones_like(ids, dtype=torch.bool), t, "linear", 9, g)
     assert torch.allclose(masked.float().mean(dim=1), t, atol=0.01)
+
+
+def test_the_loss_normaliser_has_one_source_with_a_default_per_data_kind():
+    from ldm.errors import ConfigError
+    from ldm.masking import normalizer_for
+
+    assert normalizer_for(None, "text") == "token" and normalizer_for(None, "chat") == "sequence"
+    assert normalizer_for("masked", "chat") == "masked"
+    with pytest.raises(ConfigError, match="masking.normalizer='tokens'"):
+        normalizer_for("tokens", "text")
+
+
+def test_loop_defaults_are_the_schema_defaults():
+    from dataclasses import fields
+
+    from ldm.config import TrainTaskConfig
+    from ldm.train.loop import LoopConfig
+
+    task = TrainTaskConfig()
+    loop = LoopConfig(max_steps=1, global_batch_size=1, micro_batch_size=1, accumulation=1,
+                      mask_id=0)
+    shared = {f.name for f in fields(LoopConfig)} & {f.name for f in fields(TrainTaskConfig)}
+    assert {"warmup_steps", "eval_every", "save_every", "eval_mc_samples"} <= shared
+    for name in shared - {"max_steps", "global_batch_size"}:
+        ours, theirs = getattr(loop, name), getattr(task, name)
+        assert (list(ours) if isinstance(ours, tuple) else ours) == theirs, name

@@ -8,7 +8,8 @@ from transformers import AutoModelForMaskedLM, BertConfig, ModernBertConfig
 
 from ldm.errors import ConfigError
 from ldm.model import SparseMaskedLM
-from ldm.train.objective import NORMALIZERS, diffusion_loss, diffusion_step
+from ldm.masking import NORMALIZERS
+from ldm.train.objective import diffusion_loss, diffusion_step
 
 VOCAB = 50
 MASK_ID = 4

@@ -6,11 +6,9 @@ and the packer's carry-over of less than one row, so memory does not grow with t
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import numpy as np
 
 from ldm.data.store import atomic_folder, folder_bytes, write_manifest
+from ldm.data.workers import batched, encoded_in_order
 from ldm.errors import ConfigError, DataError
 from ldm.faults import kill_point
 from ldm.tokenizer import TRAIN_BPE, id_dtype, train_bpe
@@ -175,41 +174,12 @@ def _encode(texts: List[str]) -> List[np.ndarray]:
     return [np.asarray(ids, dtype=np.uint32) for ids in enc]
 
 
-def _encoded_batches(batches: Iterable[Tuple[List[str], List[str]]], tokenizer_dir: str,
-                     num_workers: int) -> Iterator[Tuple[List[str], List[np.ndarray]]]:
-    """Yield (splits, token arrays) per batch, in order, with at most 2 batches per worker queued."""
-    if num_workers <= 1:
-        _init_worker(tokenizer_dir)
-        for splits, texts in batches:
-            yield splits, _encode(texts)
-        return
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
-        pending: collections.deque = collections.deque()
-        for splits, texts in batches:
-            pending.append((splits, pool.apply_async(_encode, (texts,))))
-            if len(pending) >= 2 * num_workers:
-                done_splits, result = pending.popleft()
-                yield done_splits, result.get()
-        while pending:
-            done_splits, result = pending.popleft()
-            yield done_splits, result.get()
-
-
 def _split_documents(texts: Iterable[str], seed: int, test_pct: float,
                      max_documents: Optional[int]) -> Iterator[Tuple[str, str]]:
     for index, text in enumerate(itertools.islice(texts, max_documents)):
         if not isinstance(text, str):
             raise DataError(f"document {index} is {type(text).__name__}, expected text")
         yield split_of(index, seed, test_pct), text
-
-
-def _batched(pairs: Iterator[Tuple[str, str]], size: int) -> Iterator[Tuple[List[str], List[str]]]:
-    while True:
-        chunk = list(itertools.islice(pairs, size))
-        if not chunk:
-            return
-        yield [s for s, _ in chunk], [t for _, t in chunk]
 
 
 def build_pretraining_data(
@@ -260,8 +230,11 @@ def build_pretraining_data(
         bar = tqdm(desc="tokenize + pack", unit="doc", disable=not progress)
         unk_id = tokenizer.unk_token_id
         unknown = dict.fromkeys(SPLITS, 0)
-        for splits, arrays in _encoded_batches(_batched(pairs, batch_size), str(tok_dir),
-                                               num_workers):
+        if num_workers <= 1:
+            _init_worker(str(tok_dir))
+        encoded = encoded_in_order(batched(pairs, batch_size), _encode, num_workers,
+                                   _init_worker, (str(tok_dir),), _encode)
+        for splits, arrays in encoded:
             for split, ids in zip(splits, arrays):
                 if unk_id is not None:
                     unknown[split] += int(np.count_nonzero(ids == unk_id))

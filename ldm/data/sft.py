@@ -13,10 +13,8 @@ padding="eos" stores fixed-size rows of context_length, padding="dynamic" unpadd
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 
 from ldm.data.pretrain import ROWS_PER_SHARD, SPLITS, split_of
 from ldm.data.store import atomic_folder, folder_bytes, write_manifest
+from ldm.data.workers import batched, encoded_in_order
 from ldm.errors import ConfigError, DataError
 from ldm.faults import kill_point
 from ldm.tokenizer import (ANSWER_TURNS, CHAT_TOKENS, add_chat_template, check_messages,
@@ -159,28 +158,6 @@ def _encode(conversations: List[List[dict]], tok=None, answer_turns: Optional[st
     return out
 
 
-def _encoded_batches(batches: Iterable[Tuple[List[str], List[List[dict]]]], tok, tokenizer_dir: str,
-                     answer_turns: str, num_workers: int
-                     ) -> Iterator[Tuple[List[str], List[Example]]]:
-    """Yield (splits, encoded examples) per batch, in order, at most 2 batches per worker queued."""
-    if num_workers <= 1:
-        for splits, convs in batches:
-            yield splits, _encode(convs, tok, answer_turns)
-        return
-    ctx = mp.get_context("spawn")
-    init = (tokenizer_dir, answer_turns)
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=init) as pool:
-        pending: collections.deque = collections.deque()
-        for splits, convs in batches:
-            pending.append((splits, pool.apply_async(_encode, (convs,))))
-            if len(pending) >= 2 * num_workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
-
-
 def _split_conversations(conversations: Iterable[List[dict]], seed: int, test_pct: float,
                          max_examples: Optional[int]) -> Iterator[Tuple[str, List[dict]]]:
     for index, messages in enumerate(itertools.islice(conversations, max_examples)):
@@ -189,14 +166,6 @@ def _split_conversations(conversations: Iterable[List[dict]], seed: int, test_pc
         if not messages:
             raise DataError(f"conversation {index} has no assistant turn; nothing to learn from it")
         yield split_of(index, seed, test_pct), messages
-
-
-def _batched(pairs: Iterator[Tuple[str, List[dict]]], size: int):
-    while True:
-        chunk = list(itertools.islice(pairs, size))
-        if not chunk:
-            return
-        yield [s for s, _ in chunk], [c for _, c in chunk]
 
 
 def _new_stats() -> Dict[str, Any]:
@@ -261,8 +230,10 @@ def build_sft_data(
         stats = {s: _new_stats() for s in SPLITS}
         pairs = _split_conversations(conversations(), split_seed, test_split_pct, max_examples)
         bar = tqdm(desc="chat template + answer mask", unit="example", disable=not progress)
-        for splits, examples in _encoded_batches(_batched(pairs, batch_size), tokenizer,
-                                                 str(tok_dir), answer_turns, num_workers):
+        encoded = encoded_in_order(batched(pairs, batch_size), _encode, num_workers,
+                                   _init_worker, (str(tok_dir), answer_turns),
+                                   lambda convs: _encode(convs, tokenizer, answer_turns))
+        for splits, examples in encoded:
             for split, (ids, mask) in zip(splits, examples):
                 st = stats[split]
                 st["examples"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -23,6 +24,17 @@ def close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+@contextlib.contextmanager
+def hint(text: str):
+    """Add `text` (what to run or pass instead) to an LdmError raised inside, if it has none."""
+    try:
+        yield
+    except LdmError as err:
+        if err.hint is None:
+            err.hint = text
+        raise
 
 
 def task_choice():

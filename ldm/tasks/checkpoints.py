@@ -28,7 +28,10 @@ def resolve_checkpoint(checkpoint: Optional[str], task: str) -> Export:
     if not checkpoint:
         raise ConfigError(f"task={task} needs checkpoint=<export dir or hub id>; task=pretrain "
                           "and task=sft write exports to outputs/models/<run_name>")
-    return read_export(checkpoint, "checkpoint")
+    from ldm.tasks import hint
+
+    with hint("pass an export folder from outputs/models/ or a hub id"):
+        return read_export(checkpoint, "checkpoint")
 
 
 def command_line_overrides() -> List[str]:
@@ -135,5 +138,8 @@ def with_init_from_model(cfg: DictConfig) -> DictConfig:
     """
     if not cfg.init_from or not is_local(cfg.init_from):
         return cfg
-    export = read_export(cfg.init_from, "init_from")
+    from ldm.tasks import hint
+
+    with hint("pass an export folder from outputs/models/ or a hub id"):
+        export = read_export(cfg.init_from, "init_from")
     return with_export_groups(cfg, export, "init_from", groups=("model",))

@@ -184,7 +184,7 @@ def run(cfg: DictConfig) -> float:
                                   trust_remote_code=cfg.model.trust_remote_code,
                                   vocab_size=len(tok), device=device)
         num_batches = math.ceil(rows / cfg.task.batch_size)
-        batches = fixed_batches(test, num_batches, cfg.task.batch_size, collate, device)
+        batches = fixed_batches(test, num_batches, cfg.task.batch_size, collate, device, rows)
         metrics = heldout_nelbo(
             model, tqdm(batches, total=num_batches, desc="held-out NELBO", unit="batch"),
             schedule=cfg.masking.schedule, eps=cfg.masking.eps, grid_points=cfg.task.t_grid,

@@ -18,12 +18,13 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     """Return the sampler settings of the SFT-time samples, checked against the model's positions."""
     from ldm.export import read_export
     from ldm.hub import is_local
-
     from ldm.sampling.cache import check_cache_family
+    from ldm.tasks import hint
 
     family = None  # a hub model: its limits are checked once it loads
     if cfg.init_from and is_local(cfg.init_from):
-        export = read_export(cfg.init_from, "init_from")
+        with hint("pass an export folder from outputs/models/ or a hub id"):
+            export = read_export(cfg.init_from, "init_from")
         positions, family = export.max_positions, export.config.get("model_type")
     elif cfg.init_from:
         positions = None
@@ -80,6 +81,6 @@ def run(cfg: DictConfig) -> float:
 
     # the settings of the samples taken at each evaluation, checked before anything trains
     settings = sampler_settings(cfg) if cfg.task.eval_samples > 0 else None
-    return run_training(cfg, kind="chat", normalizer_default="sequence",
+    return run_training(cfg, kind="chat",
                         collate_for=lambda tok: chat_collate(tok.pad_token_id),
                         on_eval_for=sample_hook(cfg, settings) if settings else None)

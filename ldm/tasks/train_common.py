@@ -11,6 +11,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.masking import normalizer_for
 from ldm.train.loop import LoopConfig
 
 log = logging.getLogger("ldm")
@@ -30,7 +31,7 @@ def check_writable(folder: str | Path, what: str) -> None:
                        "fix its permissions or set paths.outputs / LDM_OUTPUTS elsewhere") from err
 
 
-def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopConfig:
+def loop_config(cfg: DictConfig, mask_id: int) -> LoopConfig:
     """Return the loop's plain settings from the task, hardware and masking groups."""
     task, hw, masking = cfg.task, cfg.hardware, cfg.masking
     return LoopConfig(
@@ -41,10 +42,10 @@ def loop_config(cfg: DictConfig, mask_id: int, normalizer_default: str) -> LoopC
         lr_schedule=task.lr_schedule, warmup_steps=task.warmup_steps,
         min_lr_ratio=task.min_lr_ratio, grad_clip=task.grad_clip, log_every=task.log_every,
         eval_every=task.eval_every, eval_batches=task.eval_batches,
-        eval_t_grid=task.eval_t_grid, save_every=task.save_every, keep_last=task.keep_last,
+        eval_t_grid=task.eval_t_grid, eval_mc_samples=task.eval_mc_samples, save_every=task.save_every, keep_last=task.keep_last,
         export_every=task.export_every, schedule=masking.schedule,
         time_sampling=masking.time_sampling, eps=masking.eps,
-        normalizer=masking.normalizer or task.normalizer or normalizer_default, seed=cfg.seed,
+        normalizer=normalizer_for(masking.normalizer, cfg.dataset.kind), seed=cfg.seed,
         mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
         skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
         compile=cfg.hardware.compile,
@@ -185,13 +186,16 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     if not cfg.init_from and cfg.context.length > cfg.model.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds model.max_positions="
                           f"{cfg.model.max_positions} of model={cfg.model.name}")
+    for key in ("eval_t_grid", "eval_mc_samples"):
+        if cfg.task[key] < 1:
+            raise ConfigError(f"task.{key}={cfg.task[key]} must be >= 1")
     check_masking(cfg.masking)
     resolve_dtype(cfg.model.dtype)
     check_attn_implementation(cfg.model.attn_implementation)
     if cfg.hardware.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"hardware.mixed_precision={cfg.hardware.mixed_precision!r}; accepted: "
                           "no, bf16, fp16")
-    validate(loop_config(cfg, 0, "token"), cfg.hardware.num_processes)
+    validate(loop_config(cfg, 0), cfg.hardware.num_processes)
     accelerate_settings(cfg)
     if cfg.task.resume_from:
         ckpt.read_state(cfg.task.resume_from)
@@ -210,8 +214,8 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     return {"cfg": cfg, "data_dir": data_dir, "manifest": manifest, "command": command}
 
 
-def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default: str,
-                 on_eval_for=None, checks=None) -> float:
+def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
+                 checks=None) -> float:
     """Train on the prepared data this config names, export, and return the final held-out NELBO.
 
     `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
@@ -239,7 +243,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
     resolve_schedule(cfg, len(splits["train"]))
-    loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
+    loop_cfg = loop_config(cfg, tokenizer.mask_token_id)
     validate(loop_cfg, cfg.hardware.num_processes)
     if needs_launch(cfg):
         return relaunch(cfg)

@@ -21,9 +21,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from safetensors import SafetensorError
 
+from ldm.config import HardwareConfig, MaskingConfig, TrainTaskConfig
 from ldm.errors import ConfigError, LdmError
 from ldm.evaluate import fixed_batches, heldout_nelbo
 from ldm.faults import kill_point
+from ldm.masking import normalizer_for
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
@@ -36,40 +38,49 @@ log = logging.getLogger(__name__)
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
+# LoopConfig's defaults are the typed schema's (conf is read only by tasks/; these are values)
+_TASK, _MASKING, _HARDWARE = TrainTaskConfig(), MaskingConfig(), HardwareConfig()
+
+
 @dataclass
 class LoopConfig:
-    """Everything the loop needs, as plain values (the task fills it from the Hydra config)."""
+    """Everything the loop needs, as plain values (the task fills it from the Hydra config).
+
+    Defaults have one source, the schema in ldm/config.py: a field left out here means the same
+    as the setting left out of the config.
+    """
 
     max_steps: int
     global_batch_size: int
     micro_batch_size: int
     accumulation: int
     mask_id: int
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    no_decay: Sequence[str] = ("bias", "norm", "embeddings")
-    betas: Sequence[float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 4
-    eval_t_grid: int = 8
-    save_every: int = 0
-    keep_last: int = 2
-    export_every: int = 0
-    schedule: str = "linear"
-    time_sampling: str = "uniform"
-    eps: float = 1e-3
-    normalizer: str = "token"
+    lr: float = _TASK.lr
+    weight_decay: float = _TASK.weight_decay
+    no_decay: Sequence[str] = tuple(_TASK.no_decay)
+    betas: Sequence[float] = tuple(_TASK.betas)
+    adam_eps: float = _TASK.adam_eps
+    lr_schedule: str = _TASK.lr_schedule
+    warmup_steps: int = _TASK.warmup_steps
+    min_lr_ratio: float = _TASK.min_lr_ratio
+    grad_clip: float = _TASK.grad_clip
+    log_every: int = _TASK.log_every
+    eval_every: int = _TASK.eval_every
+    eval_batches: int = _TASK.eval_batches
+    eval_t_grid: int = _TASK.eval_t_grid
+    eval_mc_samples: int = _TASK.eval_mc_samples
+    save_every: int = _TASK.save_every
+    keep_last: int = _TASK.keep_last
+    export_every: int = _TASK.export_every
+    schedule: str = _MASKING.schedule
+    time_sampling: str = _MASKING.time_sampling
+    eps: float = _MASKING.eps
+    normalizer: str = normalizer_for(_MASKING.normalizer, "text")
     seed: int = 0
-    mixed_precision: str = "no"
-    cpu: bool = True
-    skip_nonfinite: bool = False
-    sparse_logits: bool = True
+    mixed_precision: str = _HARDWARE.mixed_precision
+    cpu: bool = _HARDWARE.accelerator == "cpu"
+    skip_nonfinite: bool = _TASK.skip_nonfinite
+    sparse_logits: bool = _TASK.sparse_logits
     compile: bool = False
     progress: bool = True
     extra_state: Dict[str, object] = field(default_factory=dict)
@@ -304,5 +315,6 @@ def evaluate(wrapped, eval_data, collate: Collate, cfg: LoopConfig, device) -> D
     wrapped.eval()
     batches = fixed_batches(eval_data, cfg.eval_batches, cfg.micro_batch_size, collate, device)
     result = heldout_nelbo(wrapped, batches, schedule=cfg.schedule, eps=cfg.eps,
-                           grid_points=cfg.eval_t_grid, mask_id=cfg.mask_id, seed=cfg.seed)
+                           grid_points=cfg.eval_t_grid, mask_id=cfg.mask_id, seed=cfg.seed,
+                           samples=cfg.eval_mc_samples)
     return {f"eval_{k}": v for k, v in result.items()}

@@ -19,21 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.errors import ConfigError
-from ldm.masking import Schedule, apply_mask, get_schedule, sample_times
+from ldm.masking import Schedule, apply_mask, check_normalizer, get_schedule, sample_times
 from ldm.model import logits_at
-
-NORMALIZERS = ("token", "sequence", "masked")
-
-
-def check_normalizer(normalizer: str) -> str:
-    """Return `normalizer` if it is known, else raise ConfigError listing the known ones."""
-    if normalizer not in NORMALIZERS:
-        raise ConfigError(
-            f"masking.normalizer={normalizer!r} is not known; use one of {', '.join(NORMALIZERS)}"
-        )
-    return normalizer
-
 
 def diffusion_loss(
     logits: torch.Tensor,
