@@ -3,6 +3,11 @@
 The stages are data (config), not code: a preset such as `experiment=quickstart` lists them, and
 they find each other's outputs by name (prepared data by dataset/tokenizer/context, exports by
 run_name). Each stage is its own process, run folder and mlflow run, exactly as if typed by hand.
+
+Reuse (`task.reuse`, on by default): a stage that finished before with exactly the same
+overrides, and whose outputs (export, evaluation results) are still there, is not run again. A
+record per finished stage lives in <outputs>/runs/chain/<run_name>/stages/<stage>.json. Once a
+stage runs, every later stage runs too, since it may read what that stage rewrote.
 """
 
 from __future__ import annotations
@@ -13,15 +18,13 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
-
-SUMMARY_METRICS = ("eval_nelbo", "eval_ppl_bound", "nelbo", "ppl_bound", "exact_match", "f1",
-                   "mean_nfe", "seconds_per_answer", "tokens_per_second", "train.tokens")
 
 
 def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
@@ -42,73 +45,111 @@ def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
     return commands
 
 
-def _value(overrides: List[str], key: str):
+def value_of(overrides: List[str], key: str) -> Optional[str]:
+    """Return the last `key=value` override's value in `overrides`, or None."""
     for item in reversed(overrides):
         if item.startswith(key + "="):
             return item.split("=", 1)[1]
     return None
 
 
+def stage_outputs(outputs: Path, args: List[str]) -> List[Path]:
+    """Return the files a stage leaves for later stages and the summary (by task and run_name)."""
+    task, run_name = value_of(args, "task"), value_of(args, "run_name")
+    if not run_name:
+        return []
+    if task in ("pretrain", "sft"):
+        return [outputs / "models" / run_name / "config.json"]
+    if task == "evaluate":
+        return [outputs / "runs" / "evaluate" / run_name / "eval" / "metrics.json"]
+    if task == "sample":
+        return [outputs / "runs" / "sample" / run_name / "samples.jsonl"]
+    return []
+
+
+def records_dir(cfg: DictConfig) -> Path:
+    """Return the folder of this chain's per-stage records."""
+    from ldm.tasks.common import check_run_name
+
+    return Path(cfg.paths.outputs) / "runs" / "chain" / check_run_name(cfg.run_name) / "stages"
+
+
+def reusable(record: Path, args: List[str], outputs: Path) -> Optional[dict]:
+    """Return the stage's record if it finished with these args and its outputs exist."""
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("args") != args:
+        return None
+    # the outputs must be the ones this stage wrote, not rewritten since by another command
+    if done.get("outputs") != output_stamps(outputs, args):
+        return None
+    return done
+
+
+def output_stamps(outputs: Path, args: List[str]) -> Optional[Dict[str, int]]:
+    """Return {path: modification time in ns} of the stage's outputs; None if one is missing."""
+    stamps = {}
+    for path in stage_outputs(outputs, args):
+        try:
+            stamps[str(path)] = path.stat().st_mtime_ns
+        except OSError:
+            return None
+    return stamps
+
+
+def write_record(record: Path, args: List[str], seconds: float, outputs: Path) -> None:
+    """Write the stage's record through a temporary sibling (no half-written record)."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"args": args, "seconds": round(seconds, 1),
+                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "outputs": output_stamps(outputs, args)}, indent=2) + "\n")
+    tmp.replace(record)
+
+
 def run(cfg: DictConfig) -> float:
-    """Run every stage in order; stop at the first failure; print a summary. Returns seconds."""
+    """Run (or reuse) every stage in order; stop at the first failure; print a summary.
+
+    Returns the seconds the chain took.
+    """
     from rich.console import Console
     from rich.rule import Rule
+
+    from ldm.tasks.chain_summary import print_summary
 
     console = Console()
     commands = stage_commands(cfg)
     run_py = Path(cfg.paths.root) / "run.py"
+    outputs = Path(cfg.paths.outputs)
+    records = records_dir(cfg)
     started = time.perf_counter()
-    timings = {}
+    timings: Dict[str, float] = {}
+    reused: Dict[str, dict] = {}
+    rerunning = not cfg.task.reuse
+    env = {**os.environ, **{k: str(v) for k, v in (cfg.task.env or {}).items()}}
     for i, (name, args) in enumerate(commands.items(), 1):
         shown = "python run.py " + " ".join(shlex.quote(a) for a in args[2:])
+        record = records / f"{name}.json"
+        done = None if rerunning else reusable(record, args, outputs)
+        if done is not None:
+            reused[name] = done
+            timings[name] = float(done.get("seconds", 0.0))
+            console.print(f"stage {i}/{len(commands)}: {name}: reused (finished "
+                          f"{done.get('finished', '?')} with the same overrides)",
+                          markup=False, highlight=False)
+            continue
+        rerunning = True
+        record.unlink(missing_ok=True)
         console.print(Rule(f"stage {i}/{len(commands)}: {name}"))
         console.print(shown, markup=False, highlight=False)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(run_py), *args], cwd=cfg.paths.root,
-                              env=dict(os.environ))
+        proc = subprocess.run([sys.executable, str(run_py), *args], cwd=cfg.paths.root, env=env)
         timings[name] = time.perf_counter() - t0
         if proc.returncode != 0:
             raise LdmError(f"stage {name!r} failed with exit status {proc.returncode}: {shown}")
+        write_record(record, args, timings[name], outputs)
     total = time.perf_counter() - started
-    print_summary(cfg, commands, timings, total, console)
+    print_summary(cfg, commands, timings, reused, total, console)
     return total
-
-
-def print_summary(cfg: DictConfig, commands: Dict[str, List[str]], timings: Dict[str, float],
-                  total: float, console) -> None:
-    """Print each stage's headline figures, example answers, exports and the mlflow command."""
-    from rich.table import Table
-
-    from ldm.tasks.common import tracking_target
-    from ldm.tracking import find_runs
-
-    outputs = Path(cfg.paths.outputs)
-    uri = tracking_target(cfg)[0] if cfg.tracking.backend == "mlflow" else None
-    table = Table(title=f"{cfg.run_name}: {total / 60:.1f} minutes")
-    for col in ("stage", "task", "run", "seconds", "figures"):
-        table.add_column(col)
-    answers, exports = [], []
-    for name, args in commands.items():
-        task, run_name = _value(args, "task"), _value(args, "run_name")
-        figures = ""
-        if uri and run_name:
-            runs = [r for r in find_runs(uri, task) if r.info.run_name == run_name]
-            if runs:
-                metrics = runs[0].data.metrics
-                figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in SUMMARY_METRICS if k in metrics)
-        table.add_row(name, task, run_name or "", f"{timings[name]:.0f}", figures)
-        if task in ("pretrain", "sft") and run_name:
-            exports.append(outputs / "models" / run_name)
-        if task == "sample" and run_name:
-            samples = outputs / "runs" / "sample" / run_name / "samples.jsonl"
-            if samples.is_file():
-                answers += [json.loads(line) for line in samples.read_text().splitlines()[:4]]
-    console.print(table)
-    for item in answers:
-        console.print(f"[bold]> {item.get('prompt', '')}[/bold]")
-        console.print(f"  {item.get('answer', '')}", markup=False, highlight=False)
-    for path in exports:
-        console.print(f"export: {path}", markup=False, highlight=False)
-    if uri:
-        console.print(f"compare the runs: mlflow ui --backend-store-uri {uri}", markup=False,
-                      highlight=False)
