@@ -137,3 +137,29 @@ def test_chain_does_not_reuse_a_stage_that_failed(make_config, tmp_path, monkeyp
     with pytest.raises(chain.LdmError):
         chain.run(cfg)
     assert not (chain.records_dir(cfg) / "a.json").exists()  # a failed: no record claims it done
+
+
+def test_byte_level_bpe_of_the_smallest_size_makes_one_token_per_character(tmp_path):
+    from ldm.data import synthetic
+    from ldm.tokenizer import train_bpe
+
+    texts = [m["content"] for ex in synthetic.generate(300, 0, ["copy", "sort", "max"])
+             for m in ex["messages"]]
+    tok = train_bpe(iter(texts), 262, tmp_path / "tok")
+    assert len(tok) == 262
+    for text in ("Sort ascending: 42, 7, 19", "Copy: frog milk", "99"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+def test_exact_match_on_prompts_not_seen_in_training_counts_only_those():
+    from ldm.evaluate import answer_metrics
+
+    base = {"nfe": 1, "seconds": 0.1, "tokens": 2}
+    records = [{**base, "task": "copy", "correct": True, "seen_in_training": True},
+               {**base, "task": "copy", "correct": False, "seen_in_training": False},
+               {**base, "task": "max", "correct": True, "seen_in_training": False}]
+    metrics = answer_metrics(records)
+    assert metrics["exact_match"] == pytest.approx(2 / 3)
+    assert metrics["unseen_examples"] == 2 and metrics["exact_match_unseen"] == 0.5
+    assert metrics["exact_match_unseen.copy"] == 0.0 and metrics["exact_match_unseen.max"] == 1.0
