@@ -277,7 +277,7 @@ TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
                 "sample": SampleTaskConfig, "chain": ChainTaskConfig,
                 "evaluate": EvaluateTaskConfig, "compare": CompareTaskConfig}
 
-_GROUP_SCHEMAS = {
+GROUP_SCHEMAS = {
     "model": ModelConfig,
     "dataset": DatasetConfig,
     "context": ContextConfig,
@@ -298,7 +298,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("ldm_package_dir", package_dir)
     cs = ConfigStore.instance()
     cs.store(name="ldm_schema", node=LdmConfig)
-    for group, schema in _GROUP_SCHEMAS.items():
+    for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
     for name, schema in TASK_SCHEMAS.items():
         cs.store(group="task", name=f"schema_{name}", node=schema)
