@@ -91,7 +91,7 @@ def fake_chain(make_config, tmp_path, monkeypatch, stages):
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(chain.subprocess, "run", fake_run)
-    monkeypatch.setattr("ldm.tasks.chain_summary.print_summary", lambda *a, **k: None)
+    monkeypatch.setattr(chain, "print_summary", lambda *a, **k: None)
     cfg = make_config("task=chain", "tracking=off", "run_name=c")
     with open_dict(cfg):
         cfg.task.stages = {name: ["task=evaluate", f"run_name={name}", *extra]

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.tasks.chain_summary import print_summary, value_of
 
 
 def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
@@ -43,14 +44,6 @@ def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
             passed.append(f"tracking.uri={cfg.tracking.uri}")
         commands[name] = [*passed, *[str(o) for o in overrides]]
     return commands
-
-
-def value_of(overrides: List[str], key: str) -> Optional[str]:
-    """Return the last `key=value` override's value in `overrides`, or None."""
-    for item in reversed(overrides):
-        if item.startswith(key + "="):
-            return item.split("=", 1)[1]
-    return None
 
 
 def stage_outputs(outputs: Path, args: List[str]) -> List[Path]:
@@ -116,8 +109,6 @@ def run(cfg: DictConfig) -> float:
     """
     from rich.console import Console
     from rich.rule import Rule
-
-    from ldm.tasks.chain_summary import print_summary
 
     console = Console()
     commands = stage_commands(cfg)

@@ -19,10 +19,16 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.tasks.chain import value_of
-
 TRAIN_FIGURES = ("eval_nelbo", "tokens_per_second", "train.tokens")
 EVAL_FIGURES = ("nelbo", "exact_match", "exact_match_unseen", "mean_nfe", "seconds_per_answer")
+
+
+def value_of(overrides: List[str], key: str) -> Optional[str]:
+    """Return the last `key=value` override's value in `overrides`, or None."""
+    for item in reversed(overrides):
+        if item.startswith(key + "="):
+            return item.split("=", 1)[1]
+    return None
 
 
 def eval_folder(outputs: Path, args: List[str]) -> Optional[Path]:
@@ -77,7 +83,7 @@ def check_export_loads(path: Path) -> str:
 
 
 def train_figures(cfg: DictConfig, args: List[str]) -> Dict[str, float]:
-    """Return a training stage's last logged figures from mlflow ({} with tracking off)."""
+    """Return a training stage's last logged figures, read back from the tracking store."""
     if cfg.tracking.backend != "mlflow":
         return {}
     from ldm.tasks.common import tracking_target
