@@ -163,3 +163,13 @@ def test_exact_match_on_prompts_not_seen_in_training_counts_only_those():
     assert metrics["exact_match"] == pytest.approx(2 / 3)
     assert metrics["unseen_examples"] == 2 and metrics["exact_match_unseen"] == 0.5
     assert metrics["exact_match_unseen.copy"] == 0.0 and metrics["exact_match_unseen.max"] == 1.0
+
+
+def test_a_summary_that_names_a_missing_stage_fails_before_any_stage_runs(
+        make_config, tmp_path, monkeypatch):
+    cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, {"a": []})
+    with open_dict(cfg):
+        cfg.task.summary = {"answers": "nope"}
+    with pytest.raises(chain.ConfigError, match="'nope'"):
+        chain.run(cfg)
+    assert ran == []

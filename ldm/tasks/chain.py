@@ -46,6 +46,27 @@ def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
     return commands
 
 
+SUMMARY_STAGE_KEYS = ("nelbo", "answers", "calls", "exports", "chat")
+SUMMARY_KEYS = (*SUMMARY_STAGE_KEYS, "examples", "notes")
+
+
+def check_summary(cfg: DictConfig, commands: Dict[str, List[str]]) -> None:
+    """Raise ConfigError unless task.summary names only known keys and existing stages."""
+    spec = OmegaConf.to_container(cfg.task.summary, resolve=True) if cfg.task.summary else {}
+    for key, value in spec.items():
+        if key not in SUMMARY_KEYS:
+            raise ConfigError(f"task.summary.{key} is not known; accepted: {', '.join(SUMMARY_KEYS)}")
+        if key not in SUMMARY_STAGE_KEYS:
+            continue
+        for stage in ([value] if isinstance(value, str) else list(value)):
+            if stage not in commands:
+                raise ConfigError(f"task.summary.{key} names stage {stage!r}, which task.stages "
+                                  f"does not have; stages: {', '.join(commands)}")
+    if len(spec.get("nelbo", [])) not in (0, 2) or len(spec.get("calls", [])) not in (0, 2):
+        raise ConfigError("task.summary.nelbo and task.summary.calls name two stages each "
+                          "([before, after], [sampler a, sampler b])")
+
+
 def stage_outputs(outputs: Path, args: List[str]) -> List[Path]:
     """Return the files a stage leaves for later stages and the summary (by task and run_name)."""
     task, run_name = value_of(args, "task"), value_of(args, "run_name")
@@ -112,6 +133,7 @@ def run(cfg: DictConfig) -> float:
 
     console = Console()
     commands = stage_commands(cfg)
+    check_summary(cfg, commands)
     run_py = Path(cfg.paths.root) / "run.py"
     outputs = Path(cfg.paths.outputs)
     records = records_dir(cfg)

@@ -133,4 +133,8 @@ CASES = [
     case("resume_other_architecture",
          [*PRETRAIN, "model.arch.hidden_size=48", "task.resume_from={ckpt}"],
          "step-0000002", "architecture"),
+    # --- chains --------------------------------------------------------------------------------
+    case("chain_summary_names_no_stage",
+         ["experiment=quickstart_smoke", "tracking=off", "task.summary.answers=nope"],
+         "task.summary.answers", "'nope'"),
 ]
