@@ -132,6 +132,8 @@ def run(cfg: DictConfig) -> float:
     from rich.rule import Rule
 
     console = Console()
+    if not console.is_terminal:  # a log file: keep the summary table's rows on one line each
+        console = Console(width=160)
     commands = stage_commands(cfg)
     check_summary(cfg, commands)
     run_py = Path(cfg.paths.root) / "run.py"
