@@ -80,11 +80,12 @@ def test_second_quickstart_run_reuses_every_finished_stage_and_says_so(smoke):
 
 def fake_chain(make_config, tmp_path, monkeypatch, stages):
     """Return (config of a chain with `stages`, list recording the stages that ran)."""
-    ran = []
+    ran, commands = [], []
 
     def fake_run(command, **kwargs):
         args = command[2:]
         ran.append(chain.value_of(args, "run_name"))
+        commands.append(args)
         folder = Path(chain.value_of(args, "paths.outputs")) / "runs" / "evaluate" / ran[-1] / "eval"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text("{}")
@@ -94,14 +95,15 @@ def fake_chain(make_config, tmp_path, monkeypatch, stages):
     monkeypatch.setattr(chain, "print_summary", lambda *a, **k: None)
     cfg = make_config("task=chain", "tracking=off", "run_name=c")
     with open_dict(cfg):
-        cfg.task.stages = {name: ["task=evaluate", f"run_name={name}", *extra]
-                           for name, extra in stages.items()}
+        cfg.task.stages = {name: [f"task={extra[0] if extra else 'evaluate'}", f"run_name={name}",
+                                  *extra[1:]] for name, extra in stages.items()}
+    fake_chain.commands = commands
     return cfg, ran
 
 
 def test_chain_reuses_finished_stages_and_reruns_a_changed_stage_and_every_later_one(
         make_config, tmp_path, monkeypatch):
-    stages = {"a": [], "b": ["seed=1"], "c": []}
+    stages = {"a": [], "b": ["evaluate", "seed=1"], "c": []}
     cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, stages)
     chain.run(cfg)
     assert ran == ["a", "b", "c"]
@@ -136,7 +138,8 @@ def test_chain_does_not_reuse_a_stage_that_failed(make_config, tmp_path, monkeyp
     monkeypatch.setattr(chain.subprocess, "run", failing)
     with pytest.raises(chain.LdmError):
         chain.run(cfg)
-    assert not (chain.records_dir(cfg) / "a.json").exists()  # a failed: no record claims it done
+    # a failed: its record does not claim it finished, so the next run runs it
+    assert chain.read_record(chain.records_dir(cfg) / "a.json")["status"] == "running"
 
 
 def test_byte_level_bpe_of_the_smallest_size_makes_one_token_per_character(tmp_path):
@@ -173,3 +176,22 @@ def test_a_summary_that_names_a_missing_stage_fails_before_any_stage_runs(
     with pytest.raises(chain.ConfigError, match="'nope'"):
         chain.run(cfg)
     assert ran == []
+
+
+def test_a_training_stage_rerun_with_other_overrides_starts_afresh_and_an_interrupted_one_resumes(
+        make_config, tmp_path, monkeypatch):
+    cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, {"train": ["sft", "seed=1"]})
+    chain.run(cfg)
+    assert "task.resume=false" not in fake_chain.commands[-1]  # first run: nothing to resume
+    with open_dict(cfg):
+        cfg.task.stages.train = ["task=sft", "run_name=train", "seed=2"]
+    chain.run(cfg)  # the checkpoints in the run folder were made with seed=1
+    assert fake_chain.commands[-1][-1] == "task.resume=false"
+    record = chain.records_dir(cfg) / "train.json"
+    chain.write_record(record, chain.stage_commands(cfg)["train"], Path(cfg.paths.outputs))
+    chain.run(cfg)  # interrupted with the same overrides: resume
+    assert "task.resume=false" not in fake_chain.commands[-1]
+    with open_dict(cfg):
+        cfg.task.reuse = False
+    chain.run(cfg)
+    assert fake_chain.commands[-1][-1] == "task.resume=false"

@@ -5,9 +5,12 @@ they find each other's outputs by name (prepared data by dataset/tokenizer/conte
 run_name). Each stage is its own process, run folder and mlflow run, exactly as if typed by hand.
 
 Reuse (`task.reuse`, on by default): a stage that finished before with exactly the same
-overrides, and whose outputs (export, evaluation results) are still there, is not run again. A
-record per finished stage lives in <outputs>/runs/chain/<run_name>/stages/<stage>.json. Once a
-stage runs, every later stage runs too, since it may read what that stage rewrote.
+overrides, and whose outputs (export, evaluation results) are still the ones it wrote, is not run
+again. A record per stage lives in <outputs>/runs/chain/<run_name>/stages/<stage>.json. Once a
+stage runs, every later stage runs too, since it may read what that stage rewrote. A training
+stage that runs again with other overrides (or with task.reuse=false) starts afresh instead of
+resuming the checkpoints of its previous configuration; one interrupted with the same overrides
+resumes.
 """
 
 from __future__ import annotations
@@ -88,13 +91,19 @@ def records_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.outputs) / "runs" / "chain" / check_run_name(cfg.run_name) / "stages"
 
 
-def reusable(record: Path, args: List[str], outputs: Path) -> Optional[dict]:
-    """Return the stage's record if it finished with these args and its outputs exist."""
+def read_record(record: Path) -> Optional[dict]:
+    """Return a stage's record (None when absent or unreadable)."""
     try:
         done = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(done, dict) or done.get("args") != args:
+    return done if isinstance(done, dict) else None
+
+
+def reusable(record: Path, args: List[str], outputs: Path) -> Optional[dict]:
+    """Return the stage's record if it finished with these args and its outputs exist."""
+    done = read_record(record)
+    if done is None or done.get("status") != "finished" or done.get("args") != args:
         return None
     # the outputs must be the ones this stage wrote, not rewritten since by another command
     if done.get("outputs") != output_stamps(outputs, args):
@@ -113,14 +122,32 @@ def output_stamps(outputs: Path, args: List[str]) -> Optional[Dict[str, int]]:
     return stamps
 
 
-def write_record(record: Path, args: List[str], seconds: float, outputs: Path) -> None:
-    """Write the stage's record through a temporary sibling (no half-written record)."""
+def write_record(record: Path, args: List[str], outputs: Path,
+                 seconds: Optional[float] = None) -> None:
+    """Write the stage's record (running, or finished after `seconds`) through a temporary file."""
     record.parent.mkdir(parents=True, exist_ok=True)
+    content = {"args": args, "status": "running"}
+    if seconds is not None:
+        content = {"args": args, "status": "finished", "seconds": round(seconds, 1),
+                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "outputs": output_stamps(outputs, args)}
     tmp = record.with_name(f".{record.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"args": args, "seconds": round(seconds, 1),
-                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "outputs": output_stamps(outputs, args)}, indent=2) + "\n")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
     tmp.replace(record)
+
+
+def fresh_start(previous: Optional[dict], args: List[str], reuse: bool) -> List[str]:
+    """Return overrides that keep a training stage from resuming another configuration's run.
+
+    A training stage resumes its run folder's latest checkpoint by default: right after an
+    interruption (its record says running, with the same overrides), wrong when the checkpoints
+    were made with other overrides or the user asked to run everything again.
+    """
+    if value_of(args, "task") not in ("pretrain", "sft") or previous is None:
+        return []
+    if reuse and previous.get("args") == args:
+        return []
+    return ["task.resume=false"]
 
 
 def run(cfg: DictConfig) -> float:
@@ -156,15 +183,17 @@ def run(cfg: DictConfig) -> float:
                           markup=False, highlight=False)
             continue
         rerunning = True
-        record.unlink(missing_ok=True)
+        extra = fresh_start(read_record(record), args, bool(cfg.task.reuse))
+        write_record(record, args, outputs)
         console.print(Rule(f"stage {i}/{len(commands)}: {name}"))
-        console.print(shown, markup=False, highlight=False)
+        console.print(shown + "".join(f" {e}" for e in extra), markup=False, highlight=False)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(run_py), *args], cwd=cfg.paths.root, env=env)
+        proc = subprocess.run([sys.executable, str(run_py), *args, *extra], cwd=cfg.paths.root,
+                              env=env)
         timings[name] = time.perf_counter() - t0
         if proc.returncode != 0:
             raise LdmError(f"stage {name!r} failed with exit status {proc.returncode}: {shown}")
-        write_record(record, args, timings[name], outputs)
+        write_record(record, args, outputs, timings[name])
     total = time.perf_counter() - started
     print_summary(cfg, commands, timings, reused, total, console)
     return total
