@@ -10,9 +10,11 @@ TORCH_SPEC ?= torch==2.13.0
 #   make install-all  + the test tools and every optional extra (make test); add extras here
 CORE_STAMP := $(VENV)/.ldm-core-installed
 STAMP := $(VENV)/.ldm-installed
-EXTRAS ?= dev,slurm
 
-.PHONY: quickstart test test-fast install install-all clean-outputs
+# the browser test (tests/test_serve_browser.py) drives Debian's chromium
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: quickstart test test-fast install install-all browser clean-outputs
 
 install: $(CORE_STAMP)
 
@@ -28,7 +30,7 @@ $(CORE_STAMP): pyproject.toml
 	touch $(CORE_STAMP)
 
 $(STAMP): $(CORE_STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,serve]"
 	touch $(STAMP)
 
 # the whole pipeline on CPU in minutes (a second run reuses every finished stage):
@@ -37,7 +39,14 @@ $(STAMP): $(CORE_STAMP)
 quickstart: $(CORE_STAMP)
 	$(BIN)/python run.py experiment=quickstart
 
-test: $(STAMP)
+# On a fresh Debian machine as root (CI) this installs chromium; elsewhere it says how.
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "the browser test needs chromium: sudo apt-get install chromium" >&2; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

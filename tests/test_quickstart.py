@@ -4,6 +4,7 @@ run reuses every finished stage. The chain's reuse rules are also checked withou
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -195,3 +196,12 @@ def test_a_training_stage_rerun_with_other_overrides_starts_afresh_and_an_interr
         cfg.task.reuse = False
     chain.run(cfg)
     assert fake_chain.commands[-1][-1] == "task.resume=false"
+
+
+def test_make_quickstart_installs_only_the_core_and_make_test_everything():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert re.search(r"^quickstart: \$\(CORE_STAMP\)$", makefile, re.M)
+    core = makefile.split("$(CORE_STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
+    assert "pip install --quiet -e .\n" in core and "[dev" not in core
+    assert re.search(r"^\$\(STAMP\): \$\(CORE_STAMP\)$", makefile, re.M)
+    assert re.search(r"^test: \$\(STAMP\)", makefile, re.M)
