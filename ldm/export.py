@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ldm.errors import ConfigError, LdmError
 from ldm.hub import is_local
@@ -179,7 +179,7 @@ class Export:
 
     def load_model(self, *, dtype: Optional[str] = None, attn_implementation: Optional[str] = None,
                    trust_remote_code: Optional[bool] = None, vocab_size: Optional[int] = None,
-                   device=None):
+                   device=None, missing_keys_ok: Sequence[str] = ()):
         """Return the masked LM in eval mode on `device`; None settings take the export's own.
 
         `vocab_size` (the tokenizer's length) is checked: a model with fewer embeddings than its
@@ -192,7 +192,8 @@ class Export:
         settings = {**{"dtype": "float32", "attn_implementation": "sdpa",
                        "trust_remote_code": False}, **self.load_settings,
                     **{k: v for k, v in given.items() if v is not None}}
-        model = load_model("hub" if self.hub else "export", self.where, **settings)
+        model = load_model("hub" if self.hub else "export", self.where,
+                           missing_keys_ok=missing_keys_ok, **settings)
         rows = model.get_input_embeddings().num_embeddings
         if vocab_size is not None and rows < vocab_size:
             raise LdmError(f"checkpoint={self.where!r}: the model has {rows} embeddings but its "

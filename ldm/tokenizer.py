@@ -91,12 +91,19 @@ def ensure_eos(tok):
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Train a byte-level BPE on `texts`, save it as a transformers tokenizer, and return it."""
+    """Train a byte-level BPE on `texts`, save it as a transformers tokenizer, and return it.
+
+    At the smallest vocab_size (262) there are no merges: every ASCII character is one token,
+    which makes digit- and letter-level tasks (sort, add, reverse) learnable by a small model.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 300:
-        raise ConfigError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE; use >= 300")
+    smallest = 256 + len(BPE_SPECIAL_TOKENS)  # the byte alphabet and the special tokens
+    if vocab_size < smallest:
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE; use "
+                          f">= {smallest} ({smallest} = bytes only, no merges: one token per "
+                          "ASCII character)")
     core = Tokenizer(models.BPE(unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()

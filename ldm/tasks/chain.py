@@ -3,6 +3,14 @@
 The stages are data (config), not code: a preset such as `experiment=quickstart` lists them, and
 they find each other's outputs by name (prepared data by dataset/tokenizer/context, exports by
 run_name). Each stage is its own process, run folder and mlflow run, exactly as if typed by hand.
+
+Reuse (`task.reuse`, on by default): a stage that finished before with exactly the same
+overrides, and whose outputs (export, evaluation results) are still the ones it wrote, is not run
+again. A record per stage lives in <outputs>/runs/chain/<run_name>/stages/<stage>.json. Once a
+stage runs, every later stage runs too, since it may read what that stage rewrote. A training
+stage that runs again with other overrides (or with task.reuse=false) starts afresh instead of
+resuming the checkpoints of its previous configuration; one interrupted with the same overrides
+resumes.
 """
 
 from __future__ import annotations
@@ -13,15 +21,14 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
-
-SUMMARY_METRICS = ("eval_nelbo", "eval_ppl_bound", "nelbo", "ppl_bound", "exact_match", "f1",
-                   "mean_nfe", "seconds_per_answer", "tokens_per_second", "train.tokens")
+from ldm.tasks.chain_summary import print_summary, value_of
 
 
 def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
@@ -42,73 +49,151 @@ def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
     return commands
 
 
-def _value(overrides: List[str], key: str):
-    for item in reversed(overrides):
-        if item.startswith(key + "="):
-            return item.split("=", 1)[1]
-    return None
+SUMMARY_STAGE_KEYS = ("nelbo", "answers", "calls", "exports", "chat")
+SUMMARY_KEYS = (*SUMMARY_STAGE_KEYS, "examples", "notes")
+
+
+def check_summary(cfg: DictConfig, commands: Dict[str, List[str]]) -> None:
+    """Raise ConfigError unless task.summary names only known keys and existing stages."""
+    spec = OmegaConf.to_container(cfg.task.summary, resolve=True) if cfg.task.summary else {}
+    for key, value in spec.items():
+        if key not in SUMMARY_KEYS:
+            raise ConfigError(f"task.summary.{key} is not known; accepted: {', '.join(SUMMARY_KEYS)}")
+        if key not in SUMMARY_STAGE_KEYS:
+            continue
+        for stage in ([value] if isinstance(value, str) else list(value)):
+            if stage not in commands:
+                raise ConfigError(f"task.summary.{key} names stage {stage!r}, which task.stages "
+                                  f"does not have; stages: {', '.join(commands)}")
+    if len(spec.get("nelbo", [])) not in (0, 2) or len(spec.get("calls", [])) not in (0, 2):
+        raise ConfigError("task.summary.nelbo and task.summary.calls name two stages each "
+                          "([before, after], [sampler a, sampler b])")
+
+
+def stage_outputs(outputs: Path, args: List[str]) -> List[Path]:
+    """Return the files a stage leaves for later stages and the summary (by task and run_name)."""
+    task, run_name = value_of(args, "task"), value_of(args, "run_name")
+    if not run_name:
+        return []
+    if task in ("pretrain", "sft"):
+        return [outputs / "models" / run_name / "config.json"]
+    if task == "evaluate":
+        return [outputs / "runs" / "evaluate" / run_name / "eval" / "metrics.json"]
+    if task == "sample":
+        return [outputs / "runs" / "sample" / run_name / "samples.jsonl"]
+    return []
+
+
+def records_dir(cfg: DictConfig) -> Path:
+    """Return the folder of this chain's per-stage records."""
+    from ldm.tasks.common import check_run_name
+
+    return Path(cfg.paths.outputs) / "runs" / "chain" / check_run_name(cfg.run_name) / "stages"
+
+
+def read_record(record: Path) -> Optional[dict]:
+    """Return a stage's record (None when absent or unreadable)."""
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def reusable(record: Path, args: List[str], outputs: Path) -> Optional[dict]:
+    """Return the stage's record if it finished with these args and its outputs exist."""
+    done = read_record(record)
+    if done is None or done.get("status") != "finished" or done.get("args") != args:
+        return None
+    # the outputs must be the ones this stage wrote, not rewritten since by another command
+    if done.get("outputs") != output_stamps(outputs, args):
+        return None
+    return done
+
+
+def output_stamps(outputs: Path, args: List[str]) -> Optional[Dict[str, int]]:
+    """Return {path: modification time in ns} of the stage's outputs; None if one is missing."""
+    stamps = {}
+    for path in stage_outputs(outputs, args):
+        try:
+            stamps[str(path)] = path.stat().st_mtime_ns
+        except OSError:
+            return None
+    return stamps
+
+
+def write_record(record: Path, args: List[str], outputs: Path,
+                 seconds: Optional[float] = None) -> None:
+    """Write the stage's record (running, or finished after `seconds`) through a temporary file."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    content = {"args": args, "status": "running"}
+    if seconds is not None:
+        content = {"args": args, "status": "finished", "seconds": round(seconds, 1),
+                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "outputs": output_stamps(outputs, args)}
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(record)
+
+
+def fresh_start(previous: Optional[dict], args: List[str], reuse: bool) -> List[str]:
+    """Return overrides that keep a training stage from resuming another configuration's run.
+
+    A training stage resumes its run folder's latest checkpoint by default: right after an
+    interruption (its record says running, with the same overrides), wrong when the checkpoints
+    were made with other overrides or the user asked to run everything again.
+    """
+    if value_of(args, "task") not in ("pretrain", "sft") or previous is None:
+        return []
+    if reuse and previous.get("args") == args:
+        return []
+    return ["task.resume=false"]
 
 
 def run(cfg: DictConfig) -> float:
-    """Run every stage in order; stop at the first failure; print a summary. Returns seconds."""
+    """Run (or reuse) every stage in order; stop at the first failure; print a summary.
+
+    Returns the seconds the chain took.
+    """
     from rich.console import Console
     from rich.rule import Rule
 
     console = Console()
+    if not console.is_terminal:  # a log file: keep the summary table's rows on one line each
+        console = Console(width=160)
     commands = stage_commands(cfg)
+    check_summary(cfg, commands)
     run_py = Path(cfg.paths.root) / "run.py"
+    outputs = Path(cfg.paths.outputs)
+    records = records_dir(cfg)
     started = time.perf_counter()
-    timings = {}
+    timings: Dict[str, float] = {}
+    reused: Dict[str, dict] = {}
+    rerunning = not cfg.task.reuse
+    env = {**os.environ, **{k: str(v) for k, v in (cfg.task.env or {}).items()}}
     for i, (name, args) in enumerate(commands.items(), 1):
         shown = "python run.py " + " ".join(shlex.quote(a) for a in args[2:])
+        record = records / f"{name}.json"
+        done = None if rerunning else reusable(record, args, outputs)
+        if done is not None:
+            reused[name] = done
+            timings[name] = float(done.get("seconds", 0.0))
+            console.print(f"stage {i}/{len(commands)}: {name}: reused (finished "
+                          f"{done.get('finished', '?')} with the same overrides)",
+                          markup=False, highlight=False)
+            continue
+        rerunning = True
+        extra = fresh_start(read_record(record), args, bool(cfg.task.reuse))
+        write_record(record, args, outputs)
         console.print(Rule(f"stage {i}/{len(commands)}: {name}"))
-        console.print(shown, markup=False, highlight=False)
+        console.print(shown + "".join(f" {e}" for e in extra), markup=False, highlight=False)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(run_py), *args], cwd=cfg.paths.root,
-                              env=dict(os.environ))
+        proc = subprocess.run([sys.executable, str(run_py), *args, *extra], cwd=cfg.paths.root,
+                              env=env)
         timings[name] = time.perf_counter() - t0
         if proc.returncode != 0:
             raise LdmError(f"stage {name!r} failed with exit status {proc.returncode}: {shown}")
+        write_record(record, args, outputs, timings[name])
     total = time.perf_counter() - started
-    print_summary(cfg, commands, timings, total, console)
+    print_summary(cfg, commands, timings, reused, total, console)
     return total
-
-
-def print_summary(cfg: DictConfig, commands: Dict[str, List[str]], timings: Dict[str, float],
-                  total: float, console) -> None:
-    """Print each stage's headline figures, example answers, exports and the mlflow command."""
-    from rich.table import Table
-
-    from ldm.tasks.common import tracking_target
-    from ldm.tracking import find_runs
-
-    outputs = Path(cfg.paths.outputs)
-    uri = tracking_target(cfg)[0] if cfg.tracking.backend == "mlflow" else None
-    table = Table(title=f"{cfg.run_name}: {total / 60:.1f} minutes")
-    for col in ("stage", "task", "run", "seconds", "figures"):
-        table.add_column(col)
-    answers, exports = [], []
-    for name, args in commands.items():
-        task, run_name = _value(args, "task"), _value(args, "run_name")
-        figures = ""
-        if uri and run_name:
-            runs = [r for r in find_runs(uri, task) if r.info.run_name == run_name]
-            if runs:
-                metrics = runs[0].data.metrics
-                figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in SUMMARY_METRICS if k in metrics)
-        table.add_row(name, task, run_name or "", f"{timings[name]:.0f}", figures)
-        if task in ("pretrain", "sft") and run_name:
-            exports.append(outputs / "models" / run_name)
-        if task == "sample" and run_name:
-            samples = outputs / "runs" / "sample" / run_name / "samples.jsonl"
-            if samples.is_file():
-                answers += [json.loads(line) for line in samples.read_text().splitlines()[:4]]
-    console.print(table)
-    for item in answers:
-        console.print(f"[bold]> {item.get('prompt', '')}[/bold]")
-        console.print(f"  {item.get('answer', '')}", markup=False, highlight=False)
-    for path in exports:
-        console.print(f"export: {path}", markup=False, highlight=False)
-    if uri:
-        console.print(f"compare the runs: mlflow ui --backend-store-uri {uri}", markup=False,
-                      highlight=False)

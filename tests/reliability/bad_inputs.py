@@ -273,4 +273,8 @@ CASES += [
     case("mixture_unknown_source",
          [*PREPARE_MIX, "dataset.mixture=[{{source: wikipedia, weight: 1}}]"],
          "'wikipedia'", "construction_faq"),
+    # --- chains --------------------------------------------------------------------------------
+    case("chain_summary_names_no_stage",
+         ["experiment=quickstart_smoke", "tracking=off", "task.summary.answers=nope"],
+         "task.summary.answers", "'nope'"),
 ]
