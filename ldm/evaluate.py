@@ -168,7 +168,14 @@ def answer_metrics(records: Sequence[Dict]) -> Dict[str, float]:
 
 def synthetic_references(manifest: dict, tok, prompts: List[List[int]], data_dir: Path,
                          command: str) -> List[Tuple[str, str]]:
-    """Return (task type, reference answer) for each held-out synthetic prompt, in order.
+    """Return (task type, reference answer) for each held-out synthetic prompt, in order."""
+    return [(ex["task"], ex["answer"])
+            for ex in synthetic_examples(manifest, tok, prompts, data_dir, command)]
+
+
+def synthetic_examples(manifest: dict, tok, prompts: List[List[int]], data_dir: Path,
+                       command: str) -> List[dict]:
+    """Return the regenerated synthetic example (task, messages, answer) of each held-out prompt.
 
     The examples are regenerated from the generator settings the data was prepared with (its
     manifest) and the held-out ones picked with the same split rule; each test row is matched to
@@ -192,7 +199,7 @@ def synthetic_references(manifest: dict, tok, prompts: List[List[int]], data_dir
     for n, prompt in enumerate(prompts):
         for ex in held:
             if encode_chat(tok, ex["messages"][:-1], add_generation_prompt=True)[0] == prompt:
-                out.append((ex["task"], ex["answer"]))
+                out.append(ex)
                 break
         else:
             raise DataError(f"held-out row {n} of {data_dir} matches no regenerated synthetic "

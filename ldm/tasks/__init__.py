@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ldm.errors import LdmError
 
 # Only tasks that really work are listed here.
-TASKS = ("prepare", "pretrain", "sft", "sample", "chain", "evaluate", "compare")
+TASKS = ("prepare", "pretrain", "sft", "sample", "chain", "evaluate", "compare", "benchmark")
 
 log = logging.getLogger("ldm")
 
