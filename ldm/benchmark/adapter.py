@@ -10,7 +10,7 @@
   after decoding. Model calls (NFE), tokens and seconds are counted in `stats`.
 
 Model arguments: pretrained (an export folder or hub id), mc_num (128), batch_size (16),
-cfg_scale (0), sampler (a conf/sampler preset, llada), any sampler field (steps, block_length,
+cfg_scale (0; classifier-free guidance of both likelihoods and generation), sampler (a conf/sampler preset, llada), any sampler field (steps, block_length,
 max_new_tokens, threshold, temperature, remasking, ...), greedy (compute is_greedy, true),
 seed (0), device (auto | cpu | cuda), dtype (float32), chat (false: contexts are raw text; true:
 each context is a user turn in the export's chat template). A task can ask for chat prompts per
@@ -68,8 +68,10 @@ class LdmLM(LM):
         self.cfg_scale = float(cfg_scale)
         check_estimator_args(self.mc_num, self.batch_size_per_call, self.cfg_scale)
         self.sampler_name = sampler
+        # one guidance scale for likelihoods and generation, as in LLaDA's evaluation
         self.sampler_overrides = {k: v for k, v in sampler_overrides.items()
-                                  if k in SAMPLER_FIELDS}
+                                  if k in SAMPLER_FIELDS and k != "cfg_scale"}
+        self.sampler_overrides["cfg_scale"] = self.cfg_scale
         extra = sorted(set(sampler_overrides) - set(SAMPLER_FIELDS))
         if extra:
             raise ConfigError(f"unknown model argument {extra[0]!r}; accepted: pretrained, "

@@ -1,7 +1,7 @@
 """task=benchmark: lm-eval task suites on an export through the ldm adapter.
 
     python run.py task=benchmark checkpoint=outputs/models/<run> benchmark=offline \
-        dataset=shakespeare model=minilm context=ctx256 [benchmark.items=100 benchmark.mc_num=32]
+        dataset=shakespeare model=minilm context=ctx256 [benchmark.max_items=100 benchmark.mc_num=32]
 
 Offline suites (cloze, choice, synthetic) are built from the prepared test split of `dataset`
 (found by name, as task=evaluate finds it) into <run dir>/tasks/, in lm-eval's custom-task
@@ -41,7 +41,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
     if b.limit is not None and b.limit <= 0:
         raise ConfigError(f"benchmark.limit={b.limit} must be > 0 (items per task, or a "
                           "fraction below 1) or null (every item)")
-    for key, low in (("items", 1), ("context_words", 1), ("continuation_words", 1),
+    for key, low in (("max_items", 1), ("context_words", 1), ("continuation_words", 1),
                      ("choices", 2)):
         if b[key] < low:
             raise ConfigError(f"benchmark.{key}={b[key]} must be >= {low}")
@@ -63,7 +63,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
             raise ConfigError(f"benchmark task synthetic needs dataset=synthetic_tasks, not "
                               f"dataset={cfg.dataset.name}")
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-                 if k in SAMPLER_FIELDS}
+                 if k in SAMPLER_FIELDS and k != "cfg_scale"}
     sampler_settings(cfg.sampler.name, overrides)
     return overrides
 
@@ -99,13 +99,13 @@ def build_offline_suite(cfg: DictConfig, ckpt, tok, folder: Path) -> Path:
     items: Dict[str, List[dict]] = {}
     text_tasks = [t for t in b.tasks if t in TEXT_TASKS]
     if text_tasks:
-        items.update(build_text_items(test, tok, text_tasks, count=b.items,
+        items.update(build_text_items(test, tok, text_tasks, count=b.max_items,
                                       context_words=b.context_words,
                                       continuation_words=b.continuation_words,
                                       choices=b.choices, seed=cfg.seed,
                                       max_positions=ckpt.max_positions))
     if "synthetic" in b.tasks:
-        items["synthetic"] = build_synthetic_items(test, manifest, tok, b.items, data_dir,
+        items["synthetic"] = build_synthetic_items(test, manifest, tok, b.max_items, data_dir,
                                                    command)
     source = {"data_dir": str(data_dir), "fingerprint": manifest.get("fingerprint", ""),
               "dataset": cfg.dataset.name, "seed": cfg.seed}
