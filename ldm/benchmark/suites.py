@@ -208,7 +208,12 @@ def build_text_items(test_split, tok, tasks: Sequence[str], *, count: int, conte
 
     def fits(context: str, continuation: str) -> bool:
         total = len(encode_text(tok, context)) + len(encode_text(tok, " " + continuation))
-        return max_positions is None or total <= max_positions
+        if max_positions is not None and total > max_positions:
+            raise ConfigError(f"a held-out passage of benchmark.context_words={context_words} "
+                              f"words plus its continuation has {total} tokens, more than the "
+                              f"model's {max_positions} positions; lower "
+                              "benchmark.context_words")
+        return True
 
     out = {}
     if "cloze" in tasks:
@@ -220,11 +225,17 @@ def build_text_items(test_split, tok, tasks: Sequence[str], *, count: int, conte
 
 
 def build_synthetic_items(test_split, manifest: dict, tok, count: int, data_dir: Path,
-                          command: str) -> List[Dict]:
+                          command: str, max_new_tokens: int,
+                          max_positions: Optional[int]) -> List[Dict]:
     """Return {prompt, task, answer} of the held-out synthetic examples task=evaluate answers."""
     from ldm.evaluate import heldout_answers, synthetic_examples
 
     pairs = heldout_answers(test_split, count)
+    longest = max((len(p) for p, _ in pairs), default=0)
+    if max_positions is not None and longest + max_new_tokens > max_positions:
+        raise ConfigError(f"the longest held-out prompt has {longest} tokens; + "
+                          f"sampler.max_new_tokens={max_new_tokens} exceeds the model's "
+                          f"{max_positions} positions; lower sampler.max_new_tokens")
     examples = synthetic_examples(manifest, tok, [p for p, _ in pairs], data_dir, command)
     return [{"prompt": ex["messages"][0]["content"], "task": ex["task"], "answer": ex["answer"]}
             for ex in examples]

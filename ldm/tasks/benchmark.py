@@ -106,7 +106,8 @@ def build_offline_suite(cfg: DictConfig, ckpt, tok, folder: Path) -> Path:
                                       max_positions=ckpt.max_positions))
     if "synthetic" in b.tasks:
         items["synthetic"] = build_synthetic_items(test, manifest, tok, b.max_items, data_dir,
-                                                   command)
+                                                   command, cfg.sampler.max_new_tokens,
+                                                   ckpt.max_positions)
     source = {"data_dir": str(data_dir), "fingerprint": manifest.get("fingerprint", ""),
               "dataset": cfg.dataset.name, "seed": cfg.seed}
     return write_suite(folder, items, source, max_gen_toks=cfg.sampler.max_new_tokens)
@@ -166,7 +167,9 @@ def run(cfg: DictConfig) -> float:
 
     from ldm.benchmark.adapter import LdmLM
 
-    manager = TaskManager(include_path=str(include) if include else None)
+    # offline suites need none of the harness's own tasks (indexing them takes many seconds)
+    manager = TaskManager(include_path=str(include) if include else None,
+                          include_defaults=include is None)
     if b.hub:
         unknown = [t for t in tasks if not manager.match_tasks([t])]
         if unknown:
