@@ -47,12 +47,19 @@ def heldout_nelbo(
     """Return {nelbo, ppl_bound, acc_t<lo>-<hi>...} over `batches` (input_ids, maskable, attention_mask).
 
     nelbo is per maskable token: mean over t of w(t) * (sum of masked-token NLL) / maskable tokens.
+    On EOS-padded chat rows the maskable tokens are mostly padding, so batches that carry an
+    `answer` mask (the answer tokens and their closing EOS, padding excluded) also give
+    answer_nelbo / answer_ppl_bound: the same terms summed over those tokens only, divided by
+    their number, with answer_tokens and maskable_tokens counted beside them.
     `samples` independent masks per grid point reduce the Monte Carlo noise.
     """
     sched = get_schedule(schedule)
     grid = t_grid(grid_points, eps)
     total_bound = 0.0
     total_tokens = 0.0
+    answer_bound = 0.0
+    answer_tokens = 0.0
+    has_answer = False
     correct = torch.zeros(len(BUCKETS) - 1, dtype=torch.float64)
     counted = torch.zeros(len(BUCKETS) - 1, dtype=torch.float64)
     for b, batch in enumerate(batches):
@@ -62,6 +69,10 @@ def heldout_nelbo(
         if maskable is None:
             maskable = attention.bool() if attention is not None else torch.ones_like(ids, dtype=torch.bool)
         total_tokens += float(maskable.sum())
+        answer = batch.get("answer")
+        if answer is not None:
+            has_answer = True
+            answer_tokens += float(answer.sum())
         for k, t_value in enumerate(grid.tolist()):
             for s in range(samples):
                 gen = torch.Generator(device=ids.device)
@@ -72,14 +83,22 @@ def heldout_nelbo(
                     continue
                 logits = logits_at(model, noisy, attention, masked).float()
                 targets = ids[masked]
-                nll = F.cross_entropy(logits, targets, reduction="sum")
+                nll = F.cross_entropy(logits, targets, reduction="none")
                 weight = float(sched.weight(torch.tensor(t_value, dtype=torch.float64)))
-                total_bound += weight * float(nll) / (grid_points * samples)
+                total_bound += weight * float(nll.sum()) / (grid_points * samples)
+                if answer is not None:
+                    in_answer = answer[masked]
+                    answer_bound += weight * float(nll[in_answer].sum()) / (grid_points * samples)
                 bucket = min(int(t_value * (len(BUCKETS) - 1)), len(BUCKETS) - 2)
                 correct[bucket] += float((logits.argmax(-1) == targets).sum())
                 counted[bucket] += float(masked.sum())
     nelbo = total_bound / max(total_tokens, 1.0)
     out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0))}
+    if has_answer:
+        answer_nelbo = answer_bound / max(answer_tokens, 1.0)
+        out.update({"answer_nelbo": answer_nelbo,
+                    "answer_ppl_bound": math.exp(min(answer_nelbo, 700.0)),
+                    "answer_tokens": answer_tokens, "maskable_tokens": total_tokens})
     for i in range(len(BUCKETS) - 1):
         if counted[i] > 0:
             out[f"acc_t{BUCKETS[i]:.2f}-{BUCKETS[i + 1]:.2f}"] = float(correct[i] / counted[i])
