@@ -111,14 +111,16 @@ def _score_rows(logits_at: LogitsAt, rows: Sequence[_Row], *, mask_id: int, pad_
     return per_row
 
 
-def check_estimator_args(mc_num: int, batch_size: int, cfg_scale: float) -> None:
-    """Raise ConfigError naming the first estimator setting out of range."""
+def check_estimator_args(mc_num: int, batch_size: int, cfg_scale: float,
+                         prefix: str = "") -> None:
+    """Raise ConfigError naming the first estimator setting out of range (as `prefix`<name>)."""
     if mc_num < 1:
-        raise ConfigError(f"mc_num={mc_num} must be >= 1 (Monte Carlo samples per request)")
+        raise ConfigError(f"{prefix}mc_num={mc_num} must be >= 1 (Monte Carlo samples per "
+                          "request)")
     if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"{prefix}batch_size={batch_size} must be >= 1")
     if cfg_scale < 0:
-        raise ConfigError(f"cfg_scale={cfg_scale} must be >= 0 (0 = no guidance)")
+        raise ConfigError(f"{prefix}cfg_scale={cfg_scale} must be >= 0 (0 = no guidance)")
 
 
 def mc_elbo(logits_at: LogitsAt, requests: Sequence[Tuple[Sequence[int], Sequence[int]]], *,

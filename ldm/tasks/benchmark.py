@@ -37,7 +37,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
 
     b = cfg.benchmark
     tasks = check_task_names(list(b.tasks), b.hub)
-    check_estimator_args(b.mc_num, b.batch_size, b.cfg_scale)
+    check_estimator_args(b.mc_num, b.batch_size, b.cfg_scale, prefix="benchmark.")
     if b.limit is not None and b.limit <= 0:
         raise ConfigError(f"benchmark.limit={b.limit} must be > 0 (items per task, or a "
                           "fraction below 1) or null (every item)")
