@@ -1,0 +1,101 @@
+"""Does the harness measure something? Pretrained vs random-init minilm on the offline suites.
+
+    .venv/bin/python benchmarks/lm_eval_offline.py [--steps 60] [--items 100] [--mc-num 16]
+
+Diffusion-pretrains `model=minilm` (the packaged pretrained 6-layer BERT) and `model=minilm_random`
+(the same BERT config and tokenizer, random weights) on `shakespeare` at ctx128 with identical
+settings and steps, then runs `task=benchmark benchmark=offline` (cloze and choice built from the
+held-out Shakespeare documents, scored through lm-eval with the MC-ELBO adapter) on both exports
+and prints the scores side by side with seconds per item. The pretrained start must score higher
+on both tasks. Runs are ordinary `run.py` runs under `outputs/benchmarks/lm_eval_offline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args, outputs: Path) -> float:
+    """Run `python run.py ARGS` with outputs under `outputs`; return its seconds; stop on failure."""
+    env = dict(os.environ, LDM_OUTPUTS=str(outputs), TQDM_DISABLE="1")
+    began = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"run.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--items", type=int, default=100, help="items per task")
+    parser.add_argument("--mc-num", type=int, default=16, help="MC-ELBO samples per request")
+    parser.add_argument("--outputs", default=str(REPO / "outputs" / "benchmarks" / "lm_eval_offline"))
+    args = parser.parse_args()
+    outputs = Path(args.outputs)
+
+    common = ["dataset=shakespeare", "context=ctx128"]
+    run(["task=prepare", "model=minilm", *common, "tracking=off"], outputs)
+    scores = {}
+    for model in ("minilm", "minilm_random"):
+        name = f"lmeval-{model}-{args.steps}"
+        train_s = run(["task=pretrain", f"model={model}", *common, f"run_name={name}",
+                       "task.resume=false", f"task.max_steps={args.steps}",
+                       f"task.global_batch_size={args.batch}",
+                       f"hardware.micro_batch_size={args.batch}", f"task.lr={args.lr}",
+                       "task.warmup_steps=10", "task.eval_every=0", "task.eval_batches=2",
+                       "task.save_every=0", "task.keep_last=1"], outputs)
+        bench = f"bench-{name}"
+        bench_s = run(["task=benchmark", f"model={model}", *common, "benchmark=offline",
+                       f"checkpoint={outputs / 'models' / name}", f"run_name={bench}",
+                       f"benchmark.max_items={args.items}", f"benchmark.mc_num={args.mc_num}",
+                       "benchmark.batch_size=32", "sampler=llada"], outputs)
+        results = json.loads((outputs / "runs" / "benchmark" / bench / "results.json").read_text())
+        scores[model] = (results, train_s, bench_s)
+        print(f"{model}: pretrain {train_s:.0f} s, benchmark {bench_s:.0f} s", flush=True)
+
+    print(f"\noffline suites on held-out Shakespeare ({args.items} items per task, mc_num "
+          f"{args.mc_num}), after {args.steps} diffusion-pretraining steps (batch {args.batch}, "
+          f"ctx128, lr {args.lr})")
+    rows = [("cloze", "acc", "greedy match of the last word", True),
+            ("cloze", "perplexity", "perplexity bound of the last word", False),
+            ("choice", "acc", "4-way choice accuracy (chance 0.25)", True),
+            ("choice", "acc_norm", "4-way, per-byte normalised", True)]
+    print(f"{'metric':<44}{'pretrained':>16}{'random init':>16}")
+    wins = {}
+    for task, metric, label, higher in rows:
+        vals = []
+        for model in ("minilm", "minilm_random"):
+            res = scores[model][0]["results"][f"ldm_{task}"]
+            vals.append((res[f"{metric},none"], res.get(f"{metric}_stderr,none")))
+        cells = [f"{v:.3f} ± {e:.3f}" if isinstance(e, (int, float)) else f"{v:.3f}"
+                 for v, e in vals]
+        if metric == "perplexity":
+            cells = [f"{v:,.0f}" for v, _ in vals]
+        print(f"{task + ' ' + metric + ' (' + label + ')':<44.44}{cells[0]:>16}{cells[1]:>16}")
+        better = vals[0][0] > vals[1][0] if higher else vals[0][0] < vals[1][0]
+        wins.setdefault(task, []).append(better)
+    for model in ("minilm", "minilm_random"):
+        speed = scores[model][0]["ldm"]["speed"]
+        print(f"{model:<16} seconds per loglikelihood item {speed['seconds_per_loglikelihood']:.3f} "
+              f"({int(speed['loglikelihood_requests'])} requests x {args.mc_num} MC rows)")
+    verdict = {task: all(w) for task, w in wins.items()}
+    print("\npretrained scores higher on " + ", ".join(
+        f"{t}: {'yes' if ok else 'NO'}" for t, ok in verdict.items()))
+    if not all(verdict.values()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
