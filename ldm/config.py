@@ -231,7 +231,7 @@ class BenchmarkConfig:
     mc_num: int = 128  # Monte Carlo samples per loglikelihood request
     batch_size: int = 16  # model rows per forward pass
     cfg_scale: float = 0.0  # classifier-free guidance of the likelihood (prompt masked)
-    greedy: bool = True  # compute is_greedy (acc of cloze) by greedy decoding
+    greedy: str = "auto"  # is_greedy by greedy decoding: auto (not per multiple-choice option) | true | false
     max_items: int = 200  # offline suites: items per task built from the held-out data
     context_words: int = 48  # cloze and choice passage length in words
     continuation_words: int = 8  # choice: words per continuation

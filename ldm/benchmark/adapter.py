@@ -9,11 +9,13 @@
 - generate_until: the sampler preset plus overrides, batched; the task's stop strings are cut
   after decoding. Model calls (NFE), tokens and seconds are counted in `stats`.
 
-Model arguments: pretrained (an export folder or hub id), mc_num (128), batch_size (16),
-cfg_scale (0; classifier-free guidance of both likelihoods and generation), sampler (a conf/sampler preset, llada), any sampler field (steps, block_length,
-max_new_tokens, threshold, temperature, remasking, ...), greedy (compute is_greedy, true),
-seed (0), device (auto | cpu | cuda), dtype (float32), chat (false: contexts are raw text; true:
-each context is a user turn in the export's chat template). A task can ask for chat prompts per
+Model arguments: pretrained (an export folder or hub id), mc_num (128), batch_size (16 model
+rows per forward pass), cfg_scale (0; classifier-free guidance of likelihoods and generation),
+sampler (a conf/sampler preset, llada), any sampler field (steps, block_length, max_new_tokens,
+threshold, temperature, remasking, ...), greedy (auto: decode is_greedy for single-continuation
+requests but not for each option of a multiple-choice item; true: always; false: never), seed
+(0), device (auto | cpu | cuda), dtype (float32), chat (false: contexts are raw text; true: each
+context is a user turn in the export's chat template). A task can ask for chat prompts per
 request with `ldm_chat: true` in its generation_kwargs. The weights load on the first request,
 after every request of that call is checked.
 """
@@ -53,7 +55,7 @@ class LdmLM(LM):
     """An ldm export as an lm-eval model: MC-ELBO likelihoods, generation through the sampler."""
 
     def __init__(self, pretrained: Optional[str] = None, mc_num: int = 128, batch_size: Any = 16,
-                 cfg_scale: float = 0.0, sampler: str = "llada", greedy: Any = True,
+                 cfg_scale: float = 0.0, sampler: str = "llada", greedy: Any = "auto",
                  seed: int = 0, device: Optional[str] = "auto", dtype: str = "float32",
                  chat: Any = False, max_batch_size: Any = None, **sampler_overrides):
         super().__init__()
@@ -78,7 +80,8 @@ class LdmLM(LM):
                               f"mc_num, batch_size, cfg_scale, sampler, greedy, seed, device, "
                               f"dtype, chat and the sampler fields {', '.join(SAMPLER_FIELDS)}")
         self.default_settings = sampler_settings(sampler, self.sampler_overrides)
-        self.greedy, self.chat, self.seed = _flag(greedy), _flag(chat), _int("seed", seed)
+        self.greedy = "auto" if str(greedy).lower() == "auto" else _flag(greedy)
+        self.chat, self.seed = _flag(chat), _int("seed", seed)
         self.dtype = dtype
         self.device_name = device or "auto"
         self.checkpoint = resolve_checkpoint(str(pretrained), "benchmark")
@@ -149,7 +152,12 @@ class LdmLM(LM):
     # --- the harness's three request types ------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
-        """Return (MC-ELBO of the continuation, whether greedy decoding produces it) per request."""
+        """Return (MC-ELBO of the continuation, whether greedy decoding produces it) per request.
+
+        With greedy=auto, is_greedy is decoded only for requests that are alone for their
+        document: the options of a multiple-choice item are ranked by likelihood (acc,
+        acc_norm) and get False, which saves one decoding per option.
+        """
         pairs = []
         for req in requests:
             context, continuation = req.args
@@ -158,11 +166,22 @@ class LdmLM(LM):
                 raise ConfigError(f"continuation {continuation!r} encodes to no tokens")
             self.check_length(len(ctx) + len(cont), "a context plus continuation")
             pairs.append((ctx, cont))
-        return self.score_pairs(pairs, disable_tqdm)
+        decode = None
+        if self.greedy == "auto":
+            per_doc: Dict[Any, int] = {}
+            keys = [(getattr(r, "task_name", None), getattr(r, "doc_id", None), id(r.doc))
+                    for r in requests]
+            for key in keys:
+                per_doc[key] = per_doc.get(key, 0) + 1
+            decode = [per_doc[key] == 1 for key in keys]
+        return self.score_pairs(pairs, disable_tqdm, decode)
 
-    def score_pairs(self, pairs: List[Tuple[List[int], List[int]]],
-                    disable_tqdm: bool = True) -> List[Tuple[float, bool]]:
-        """Return (MC-ELBO, is_greedy) for (context ids, continuation ids) pairs."""
+    def score_pairs(self, pairs: List[Tuple[List[int], List[int]]], disable_tqdm: bool = True,
+                    decode: Optional[List[bool]] = None) -> List[Tuple[float, bool]]:
+        """Return (MC-ELBO, is_greedy) for (context ids, continuation ids) pairs.
+
+        `decode` says per pair whether to decode is_greedy (default: as the greedy setting).
+        """
         from tqdm.auto import tqdm
 
         began = time.perf_counter()
@@ -173,7 +192,13 @@ class LdmLM(LM):
                          batch_size=self.batch_size_per_call, seed=self.seed,
                          cfg_scale=self.cfg_scale, device=self.torch_device, progress=bar.update)
         bar.close()
-        greedy = self.greedy_matches(pairs) if self.greedy else [False] * len(pairs)
+        if decode is None:
+            decode = [bool(self.greedy)] * len(pairs)
+        greedy = [False] * len(pairs)
+        chosen = [i for i, on in enumerate(decode) if on]
+        if chosen:
+            for i, hit in zip(chosen, self.greedy_matches([pairs[i] for i in chosen])):
+                greedy[i] = hit
         self.stats["loglikelihood_requests"] += len(pairs)
         self.stats["model_rows"] += len(pairs) * self.mc_num * (2 if self.cfg_scale > 0 else 1)
         self.stats["loglikelihood_seconds"] += time.perf_counter() - began

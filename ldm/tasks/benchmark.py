@@ -51,6 +51,8 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
                               f"benchmark.tasks ({', '.join(tasks)})")
         if shots < 0:
             raise ConfigError(f"benchmark.num_fewshot.{task}={shots} must be >= 0")
+    if str(b.greedy).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"benchmark.greedy={b.greedy!r}; accepted: auto, true, false")
     if cfg.task.device not in DEVICES:
         raise ConfigError(f"task.device={cfg.task.device!r}; accepted: {', '.join(DEVICES)}")
     if not b.hub:
