@@ -297,7 +297,8 @@ class LdmLM(LM):
         out: Dict[str, float] = {}
         if s["loglikelihood_requests"]:
             out["loglikelihood_requests"] = float(s["loglikelihood_requests"])
-            out["seconds_per_loglikelihood"] = s["loglikelihood_seconds"] / s["loglikelihood_requests"]
+            out["seconds_per_loglikelihood"] = (s["loglikelihood_seconds"]
+                                                / s["loglikelihood_requests"])
             out["model_rows"] = float(s["model_rows"])
         if s["generate_requests"]:
             out["generate_requests"] = float(s["generate_requests"])

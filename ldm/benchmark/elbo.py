@@ -3,7 +3,9 @@
 A masked diffusion model has no exact log-likelihood; LLaDA (arXiv:2502.09992, eq. 6) scores a
 continuation x of L tokens after a context c with the lower bound
 
-    log p(x | c) >= E_{k ~ U{1..L}} E_{S ~ U(k-subsets)} [ (L / k) * sum_{i in S} log p(x_i | c, x with S masked) ]
+    log p(x | c) >= E_{k ~ U{1..L}} E_{S ~ U(k-subsets)} [ (L / k) * sum_{i in S} log p(x_i | c, x_S) ]
+
+where x_S is x with the positions in S masked.
 
 Each Monte Carlo sample masks k continuation tokens (never context tokens) and weights the
 log-probabilities of the masked tokens by L / k. The k of the `mc_num` samples of one request

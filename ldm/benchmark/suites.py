@@ -147,7 +147,7 @@ def cloze_items(documents: List[str], count: int, context_words: int,
 
 def choice_items(documents: List[str], count: int, context_words: int, continuation_words: int,
                  choices: int, seed: int, fits: Callable[[str, str], bool]) -> List[Dict]:
-    """Return up to `count` {context, choices, label} items; wrong choices come from other passages."""
+    """Return up to `count` {context, choices, label} items; wrong options from other passages."""
     passages = []
     size = context_words + continuation_words
     for doc in documents:

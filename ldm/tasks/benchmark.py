@@ -1,7 +1,7 @@
 """task=benchmark: lm-eval task suites on an export through the ldm adapter.
 
     python run.py task=benchmark checkpoint=outputs/models/<run> benchmark=offline \
-        dataset=shakespeare model=minilm context=ctx256 [benchmark.max_items=100 benchmark.mc_num=32]
+        dataset=shakespeare model=minilm context=ctx256 [benchmark.max_items=100 ...]
 
 Offline suites (cloze, choice, synthetic) are built from the prepared test split of `dataset`
 (found by name, as task=evaluate finds it) into <run dir>/tasks/, in lm-eval's custom-task
