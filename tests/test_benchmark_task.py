@@ -29,7 +29,7 @@ def _prepare(outputs, *overrides):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """(outputs, text overrides, pretraining export, SFT export): text and synthetic data prepared."""
+    """(outputs, text overrides, pretraining export, SFT export), text and chat data prepared."""
     root = tmp_path_factory.mktemp("benchmark")
     corpus = write_corpus(root / "corpus", n_docs=12, words=200)
     outputs = root / "outputs"

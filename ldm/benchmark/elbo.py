@@ -3,7 +3,7 @@
 A masked diffusion model has no exact log-likelihood; LLaDA (arXiv:2502.09992, eq. 6) scores a
 continuation x of L tokens after a context c with the lower bound
 
-    log p(x | c) >= E_{k ~ U{1..L}} E_{S ~ U(k-subsets)} [ (L / k) * sum_{i in S} log p(x_i | c, x_S) ]
+    log p(x | c) >= E_{k ~ U{1..L}} E_{S: k-subset} [ (L / k) * sum_{i in S} log p(x_i | c, x_S) ]
 
 where x_S is x with the positions in S masked.
 
