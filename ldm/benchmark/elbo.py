@@ -1,6 +1,6 @@
 """The Monte Carlo ELBO of a continuation given its context, for a masked diffusion model.
 
-A masked diffusion model has no exact log-likelihood; LLaDA (arXiv:2502.09992, eq. 6) scores a
+A masked diffusion model has no exact log-likelihood; LLaDA (arXiv:2502.09992) scores a
 continuation x of L tokens after a context c with the lower bound
 
     log p(x | c) >= E_{k ~ U{1..L}} E_{S: k-subset} [ (L / k) * sum_{i in S} log p(x_i | c, x_S) ]
