@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 import ldm.config  # noqa: F401  (registers the config schemas)
 from ldm.tasks import dispatch
-from ldm.tracking import is_main_process
+from ldm.ranks import is_main_process
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

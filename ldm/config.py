@@ -293,7 +293,7 @@ TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
                 "evaluate": EvaluateTaskConfig, "compare": CompareTaskConfig,
                 "benchmark": BenchmarkTaskConfig}
 
-_GROUP_SCHEMAS = {
+GROUP_SCHEMAS = {
     "model": ModelConfig,
     "dataset": DatasetConfig,
     "context": ContextConfig,
@@ -313,7 +313,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("ldm_outputs", default_outputs)
     cs = ConfigStore.instance()
     cs.store(name="ldm_schema", node=LdmConfig)
-    for group, schema in _GROUP_SCHEMAS.items():
+    for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
     for name, schema in TASK_SCHEMAS.items():
         cs.store(group="task", name=f"schema_{name}", node=schema)

@@ -226,9 +226,12 @@ def synthetic_examples(manifest: dict, tok, prompts: List[List[int]], data_dir: 
     return out
 
 
-def answer_all(model, tok, jobs: List[dict], settings: Dict[str, Any], *, mask_id: int,
+def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
                batch_size: int, seed: int, device) -> List[dict]:
-    """Sample an answer for every job (prompt ids + reference) in batches; return the records."""
+    """Sample an answer for every job (prompt ids + reference) in batches; return the records.
+
+    `settings` is the task's `SamplerSettings`, checked against the model's positions.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -236,7 +239,7 @@ def answer_all(model, tok, jobs: List[dict], settings: Dict[str, Any], *, mask_i
     from ldm.sampling.sampler import generate, hf_logits_fn
 
     logits_fn = hf_logits_fn(model)
-    factor = 2 if settings.get("cfg_scale", 0) > 0 else 1
+    factor = 2 if settings.cfg_scale > 0 else 1
     records = []
     starts = range(0, len(jobs), batch_size)
     for b, start in enumerate(tqdm(starts, desc="answers", unit="batch")):
@@ -248,12 +251,11 @@ def answer_all(model, tok, jobs: List[dict], settings: Dict[str, Any], *, mask_i
             calls.add_(step.committed.any(1).long())
 
         began = time.perf_counter()
-        result = generate(logits_fn, [j["prompt_ids"] for j in batch], mask_id=mask_id,
+        result = generate(logits_fn, [j["prompt_ids"] for j in batch], settings, mask_id=mask_id,
                           eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
                           pad_id=tok.pad_token_id,
                           generator=torch.Generator().manual_seed(seed * 1_000_003 + b),
-                          max_positions=getattr(model.config, "max_position_embeddings", None),
-                          device=device, record_history=False, on_step=count, **settings)
+                          device=device, record_history=False, on_step=count)
         seconds = (time.perf_counter() - began) / len(batch)
         for job, tokens, nfe in zip(batch, result.tokens, calls.tolist()):
             answer = tok.decode(tokens, skip_special_tokens=True).strip()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 from ldm.errors import HubUnavailableError
 
 PROBE_TIMEOUT_S = 3.0
+
+
+def is_local(where: str) -> bool:
+    """Return True when `where` names a local folder (an export), False for a hub id.
+
+    The one rule every stage uses: `checkpoint=`, `init_from=` and `model.pretrained` name an
+    existing folder or else a hub id.
+    """
+    return Path(str(where)).expanduser().is_dir()
 
 
 def _endpoint() -> tuple[str, int]:

@@ -301,7 +301,7 @@ def load_model(
     elif source == "package":
         folder = package_model_dir(pretrained)
         model = _from_pretrained(str(folder), kwargs, missing_keys_ok, f"package:{pretrained}")
-    elif source == "export" or Path(pretrained).is_dir():
+    elif source == "export" or hub.is_local(pretrained):
         # A hub source given a local folder is an export too (init_from takes either).
         folder = Path(pretrained)
         if not (folder / "config.json").is_file():

@@ -1,4 +1,5 @@
-"""Experiment tracking. The only module that imports mlflow.
+"""Experiment tracking: writing to mlflow. With `ldm/runs.py` (reading runs back), the only
+modules that import mlflow; neither reads Hydra's config.
 
 A `Tracker` is one mlflow run for one task invocation. It talks to mlflow through `MlflowClient`
 (no global "active run" state), only on the main process, and is a no-op when tracking is off.
@@ -13,9 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
-
-from hydra.experimental.callback import Callback
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ldm.errors import LdmError
 
@@ -27,7 +26,6 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
-PARENT_RUN_FILE = "mlflow_parent_run_id"
 RETRY_SECONDS = 15.0  # while the store is away, retry queued writes at most this often
 
 
@@ -326,112 +324,3 @@ def find_runs(uri: str, experiment: str) -> list:
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-
-
-def read_parent_run_id(sweep_dir: str | Path) -> Optional[str]:
-    """Return the sweep's parent run id written by `SweepParentRun`, if any."""
-    path = Path(sweep_dir) / PARENT_RUN_FILE
-    return path.read_text().strip() if path.is_file() else None
-
-
-class SweepParentRun(Callback):
-    """Hydra callback: one parent mlflow run per multirun; every job becomes its child."""
-
-    def __init__(self) -> None:
-        self.tracker: Optional[Tracker] = None
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        if config.tracking.backend != "mlflow":
-            return
-        from omegaconf import OmegaConf
-
-        from ldm.tasks.common import tracking_target
-
-        uri, artifacts, experiment = tracking_target(config)
-        self.tracker = Tracker(
-            enabled=True, uri=uri, artifact_location=artifacts, experiment=experiment,
-            run_name=f"sweep-{Path(config.hydra.sweep.dir).name}",
-            tags={"ldm.sweep": "parent", "ldm.command": " ".join(sys.argv)},
-            required=bool(config.tracking.required),
-        )
-        if not self.tracker.enabled:
-            return
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_RUN_FILE).write_text(self.tracker.run_id)
-        params = OmegaConf.to_container(config.hydra.sweeper.params or {}, resolve=False)
-        self.tracker.log_params({f"sweep.{k}": v for k, v in params.items()})
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if self.tracker is not None:
-            self.tracker.finish("FINISHED")
-
-
-def iter_metric_history(uri: str, run_id: str, key: str) -> Iterable:
-    """Return the logged history of one metric."""
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or without a distributed launcher)."""
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") in ("0", "")
-
-
-# --- reading runs back (task=compare) --------------------------------------------------------
-
-
-def _run_record(run) -> Dict[str, Any]:
-    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-            "experiment_id": run.info.experiment_id, "start_time": run.info.start_time,
-            "params": dict(run.data.params), "metrics": dict(run.data.metrics),
-            "tags": dict(run.data.tags)}
-
-
-def find_run(uri: str, ref: str) -> Optional[Dict[str, Any]]:
-    """Return the run whose id or name is `ref` as a plain dict, or None when there is none.
-
-    A name shared by several runs picks the newest sweep parent (tag ldm.sweep=parent), else the
-    newest run.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
-        try:
-            return _run_record(client.get_run(ref))
-        except MlflowException:
-            pass
-    if "'" in ref:
-        return None
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return None
-    runs = client.search_runs(experiments, filter_string=f"attributes.run_name = '{ref}'",
-                              order_by=["attributes.start_time DESC"])
-    if not runs:
-        return None
-    parents = [r for r in runs if r.data.tags.get("ldm.sweep") == "parent"]
-    return _run_record((parents or runs)[0])
-
-
-def child_runs(uri: str, parent: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """Return the child runs (tag mlflow.parentRunId) of a run as plain dicts, oldest first."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments,
-                              filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'",
-                              order_by=["attributes.start_time ASC"], max_results=10000)
-    return [_run_record(r) for r in runs]
-
-
-def log_artifact_to_run(uri: str, run_id: str, path: str | Path,
-                        artifact_path: Optional[str] = None) -> None:
-    """Upload one file to an existing (possibly finished) run's artifacts."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), artifact_path)

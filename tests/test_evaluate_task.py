@@ -214,9 +214,39 @@ def test_missing_prepared_data_names_the_prepare_command(exports, monkeypatch):
     outputs, _, chat, _ = exports
     _no_model_loads(monkeypatch)
     with pytest.raises(DataError, match="no prepared data") as err:
-        run(_config(outputs, *TINY, *CHAT, "context=ctx128", f"checkpoint={chat}"))
-    assert "python run.py task=prepare dataset=synthetic_tasks model=modernbert_tiny " \
-           f"context=ctx128 init_from={chat}" in str(err.value)
+        run(_config(outputs, *TINY, "dataset=construction_faq", f"checkpoint={chat}"))
+    assert "python run.py task=prepare dataset=construction_faq model=modernbert_tiny " \
+           f"context=ctx64 init_from={chat}" in str(err.value)
+
+
+@pytest.mark.slow
+def test_evaluate_and_sample_need_nothing_but_the_export(exports):
+    outputs, _, chat, _ = exports
+    proc = run_cli(["task=evaluate", f"checkpoint={chat}", *QUICK, "run_name=only-export",
+                    "tracking=off"], outputs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((outputs / "runs" / "evaluate" / "only-export" / "eval" /
+                          "metrics.json").read_text())
+    assert metrics["nelbo"] > 0 and "exact_match" in metrics  # the synthetic data it trained on
+    proc = run_cli(["task=sample", f"checkpoint={chat}", "prompt='copy: a b c'",
+                    "sampler.max_new_tokens=8", "sampler.block_length=8", "run_name=only-export",
+                    "tracking=off"], outputs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (outputs / "runs" / "sample" / "only-export" / "samples.jsonl").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, named", [
+    ("model=minilm", "model=minilm contradicts checkpoint="),
+    ("context=ctx128", "context=ctx128 contradicts checkpoint="),
+    ("model.max_positions=64", "model.max_positions=64 contradicts checkpoint="),
+])
+def test_a_model_or_context_that_contradicts_the_export_is_one_error_naming_both(
+        exports, override, named):
+    outputs, _, chat, _ = exports
+    line = _error(run_cli(["task=evaluate", f"checkpoint={chat}", override, "tracking=off"],
+                          outputs))
+    assert named in line and str(chat) in line and "trained with" in line
 
 
 @pytest.mark.slow
@@ -231,14 +261,17 @@ def test_chat_data_on_a_pretraining_export_without_chat_tokens_is_refused(export
 
 
 @pytest.mark.slow
-def test_data_prepared_with_another_tokenizer_is_refused(exports, monkeypatch):
+def test_data_prepared_with_another_tokenizer_is_refused(exports, monkeypatch, tmp_path):
     from ldm.tasks.evaluate import run
 
     outputs, _, chat, corpus = exports
-    text = ["dataset=local_text", f"dataset.paths=[{corpus}/*.txt]", "model=minilm",
-            "context=ctx64"]
-    prepare(outputs, *text)
+    text = ["dataset=local_text", f"dataset.paths=[{corpus}/*.txt]"]
+    prepare(outputs, *text, "model=minilm", "context=ctx64")
+    # minilm's data sits where this export's data is looked for, as if prepared by mistake
+    elsewhere = tmp_path / "outputs"
+    shutil.copytree(outputs / "data" / "local_text" / "minilm-wordpiece" / "ctx64",
+                    elsewhere / "data" / "local_text" / "bpe320" / "ctx64")
     _no_model_loads(monkeypatch)
     with pytest.raises(DataError, match="does not share") as err:
-        run(_config(outputs, *text, f"checkpoint={chat}"))
-    assert "task=prepare dataset=local_text model=minilm context=ctx64" in str(err.value)
+        run(_config(elsewhere, *TINY, *text, f"checkpoint={chat}"))
+    assert "task=prepare dataset=local_text model=modernbert_tiny context=ctx64" in str(err.value)

@@ -154,3 +154,21 @@ def test_trained_bpe_tokenizer_is_saved_with_the_data_and_small_vocab_uses_uint1
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] <= 400
     reloaded = load_tokenizer("train_bpe", trained_dir=out / "tokenizer")
     assert reloaded.mask_token == "[MASK]" and reloaded.eos_token_id == manifest["eos_id"]
+
+
+def test_text_that_spells_a_special_token_stays_text_in_pretraining_rows(tmp_path,
+                                                                         minilm_tokenizer):
+    # A corpus quoting "[MASK]" or "[SEP]" must not put real mask or EOS ids into clean rows:
+    # the loss would then train on targets that are mask tokens, and rows would split early.
+    texts = [f"{t} the [MASK] and [SEP] and [CLS] [PAD] spelt out" if i % 3 == 0 else t
+             for i, t in enumerate(_texts())]
+    out = tmp_path / "data"
+    build_pretraining_data(lambda: iter(texts), out, tokenizer=minilm_tokenizer,
+                           context_length=32, test_split_pct=0.25, split_seed=3, progress=False)
+    tok = minilm_tokenizer
+    for split in ("train", "test"):
+        docs = sum(split_of(i, 3, 0.25) == split for i in range(len(texts)))
+        rows = np.asarray(load_split(out, split).with_format("numpy")["input_ids"])
+        for special in (tok.mask_token_id, tok.cls_token_id, tok.pad_token_id):
+            assert not (rows == special).any(), f"{tok.convert_ids_to_tokens(special)} in {split}"
+        assert (rows == tok.eos_token_id).sum() <= docs  # EOS only between documents

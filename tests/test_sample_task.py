@@ -20,6 +20,7 @@ from ldm.sampling.prompts import (encode_infill, encode_text, parse_infill, read
                                   read_prompts_file)
 from ldm.sampling.render import GifRecorder, LiveView, MASK_GLYPH, clean_answer
 from ldm.sampling.sampler import SamplerStep
+from ldm.sampling.settings import SamplerSettings
 from ldm.tokenizer import add_chat_template, chat_token_ids, encode_chat, train_bpe
 
 TEXTS = ["the king spoke to the queen of the river and the stone in the night.",
@@ -33,7 +34,7 @@ def make_export(folder: Path, chat: bool) -> Path:
     """Write a tiny random ModernBERT export with a trained BPE (chat template when `chat`)."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-    from ldm.train.checkpoint import export_model
+    from ldm.export import write_export as export_model
 
     tok = train_bpe(TEXTS, 320, folder.parent / f"{folder.name}-bpe")
     if chat:
@@ -204,8 +205,9 @@ def test_infill_commits_the_linear_schedule_and_never_changes_a_committed_token(
             int(input_ids.sum())))
 
     short, _ = encode_infill(tok, parse_infill("the [MASK:2] river"), mask)
-    result = infill(noisy, [ids, short], mask_id=mask, pad_id=tok.pad_token_id,
-                    banned_ids=special_ids(tok), steps=4)
+    settings = SamplerSettings(max_new_tokens=4, steps=4, block_length=None)
+    result = infill(noisy, [ids, short], settings, mask_id=mask, pad_id=tok.pad_token_id,
+                    banned_ids=special_ids(tok))
     assert [int(s.committed[0].sum()) for s in result.history] == [3, 2, 2, 2]
     for earlier, later in zip(result.history, result.history[1:]):
         kept = earlier.answer != mask
@@ -282,7 +284,7 @@ LONG = "the king spoke " * 40
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    ([f"prompt={LONG!r}"], ConfigError, "exceeds the model's max_position_embeddings=128"),
+    ([f"prompt={LONG!r}"], ConfigError, "exceeds the model's max_positions=128"),
     (["prompt=hi", "sampler.block_length=5"], ConfigError, "block_length=5 must be >= 1 and"),
     (["prompt=hi", "sampler.steps=0"], ConfigError, "steps=0 must be between 1 and"),
     (["prompt=hi", "sampler.steps=17"], ConfigError, "steps=17 must be between 1 and"),

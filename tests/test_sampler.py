@@ -12,13 +12,8 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ldm.config import SamplerConfig
 from ldm.errors import ConfigError
-from ldm.sampling import (
-    commit_schedule,
-    generate,
-    hf_logits_fn,
-    unmask_probability,
-    validate_sampler_args,
-)
+from ldm.sampling import SamplerSettings, commit_schedule, hf_logits_fn, unmask_probability
+from ldm.sampling import generate as generate_with
 
 PAD, UNK, CLS, EOS, MASK = 0, 1, 2, 3, 4
 SPECIAL = [PAD, UNK, CLS, EOS, MASK]
@@ -27,6 +22,16 @@ IDS = dict(mask_id=MASK, eos_id=EOS, special_ids=SPECIAL, pad_id=PAD)
 VOCAB = 16
 ORIGINAL = dict(rule="original", temperature=1.0, early_stop=False)
 CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+
+
+SETTING_NAMES = set(SamplerSettings.__dataclass_fields__)
+
+
+def generate(model_fn, prompts, **kwargs):
+    """Call the sampler with the sampler settings among `kwargs` gathered in SamplerSettings."""
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTING_NAMES}
+    settings.setdefault("block_length", None)
+    return generate_with(model_fn, prompts, SamplerSettings(**settings), **kwargs)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -357,13 +362,21 @@ def test_finished_prompts_are_left_out_of_later_model_calls():
     assert [ids.shape[0] for ids in model.inputs] == [2, 2, 1, 1]
 
 
-GOOD = dict(prompt_length=4, max_new_tokens=8, steps=8, block_length=4, max_positions=16)
+GOOD = dict(max_new_tokens=8, steps=8, block_length=4, max_positions=16)
+
+
+def validate_sampler_args(prompt_length=4, **kwargs):
+    """Build the settings and check a prompt of `prompt_length`; return the number of blocks."""
+    settings = SamplerSettings(**kwargs)
+    settings.check_prompt(prompt_length)
+    return settings.num_blocks
 
 
 @pytest.mark.parametrize(
     "bad, message",
     [
         (dict(prompt_length=10), "max_positions=16"),
+        (dict(max_new_tokens=32, steps=32, max_positions=16), "max_new_tokens=32 exceeds"),
         (dict(max_new_tokens=0, block_length=None, steps=1), "max_new_tokens=0"),
         (dict(block_length=3), "block_length=3"),
         (dict(block_length=0), "block_length=0"),

@@ -168,8 +168,10 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 
 def _encode(texts: List[str]) -> List[np.ndarray]:
-    enc = _TOKENIZER(texts, add_special_tokens=False, return_attention_mask=False,
-                     return_token_type_ids=False)["input_ids"]
+    # split_special_tokens: a document that spells "[MASK]" or "[SEP]" is text, never the special
+    # id (a real mask id in a clean row would be a training target; an EOS would end a document)
+    enc = _TOKENIZER(texts, add_special_tokens=False, split_special_tokens=True,
+                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     return [np.asarray(ids, dtype=np.uint32) for ids in enc]
 
 

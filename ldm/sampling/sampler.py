@@ -27,7 +27,7 @@ from ldm.sampling.decode import (
     uniform_like,
 )
 from ldm.sampling.schedule import commit_schedule_table, minimum_commits, unmask_probability
-from ldm.sampling.validation import validate_sampler_args
+from ldm.sampling.settings import SamplerSettings
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,146 +77,193 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
     return logits_fn
 
 
+@dataclass
+class Canvas:
+    """The working state of one sampler call: ids and attention [B, L], and what it has cost.
+
+    `ban(vocab_size, device)` returns the [V] bool mask of ids never emitted; `uncond` marks the
+    positions masked in guidance's unconditional input (None: no guidance possible); `view_from`
+    is where the part a `SamplerStep` shows begins (the answer of `generate`, 0 for `infill`).
+    """
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    mask_id: int
+    ban: Callable[[int, torch.device], torch.Tensor]
+    uncond: Optional[torch.Tensor] = None
+    view_from: int = 0
+    active: Optional[torch.Tensor] = None  # [B] bool: rows still being filled
+    nfe: int = 0
+    steps_run: int = 0
+    steps_skipped: int = 0
+    _banned: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.active is None:
+            self.active = torch.ones(self.ids.shape[0], dtype=torch.bool, device=self.ids.device)
+
+    def banned(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Return the [V] bool mask of ids never emitted, built once per call."""
+        if self._banned is None:
+            self._banned = self.ban(vocab_size, device)
+        return self._banned
+
+
+def unmask_block(
+    model_fn: LogitsFn,
+    canvas: Canvas,
+    lo: int,
+    hi: int,
+    steps: int,
+    settings: SamplerSettings,
+    *,
+    block: int = 0,
+    first_step: int = 0,
+    generator: Optional[torch.Generator] = None,
+    finished: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    on_step: Optional[Callable[[SamplerStep], None]] = None,
+) -> None:
+    """Fill the masked positions of `canvas.ids[:, lo:hi]` in at most `steps` model calls.
+
+    The one unmasking loop: `generate` calls it per semi-autoregressive block, `infill` once over
+    the whole canvas. Each step predicts every masked position of the block and commits some of
+    them (the rule, schedule and threshold of `settings`); committed tokens never change. A step
+    that would commit nothing is skipped without a model call. `finished(ids)` returns the rows
+    that are done after a step (they leave later model calls); `on_step` sees each step run.
+    """
+    mask_id = canvas.mask_id
+    fillable = canvas.attn[:, lo:hi].bool()
+    masked_at_start = ((canvas.ids[:, lo:hi] == mask_id) & fillable & canvas.active[:, None]).sum(1)
+    schedule = commit_schedule_table(masked_at_start, steps)
+    for k in range(steps):
+        still = (canvas.ids[:, lo:hi] == mask_id) & fillable & canvas.active[:, None]
+        if not still.any():
+            break  # the rest of this block's budget is an upper bound, not a quota
+        reveal = None
+        if settings.rule == "original":
+            draw = uniform_like(still, torch.float64, generator)
+            reveal = still & (draw < unmask_probability(k, steps))
+            want = reveal.sum(1)
+        elif settings.threshold is None:
+            want = torch.minimum(schedule[:, k], still.sum(1))
+        else:
+            want = minimum_commits(still.sum(1), steps - k)
+        rows = (want > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            canvas.steps_skipped += 1
+            continue
+
+        logits = model_fn(canvas.ids[rows], canvas.attn[rows])[:, lo:hi].float()
+        canvas.nfe += 1
+        if settings.cfg_scale > 0 and canvas.uncond is not None:
+            uncond_ids = canvas.ids[rows].masked_fill(canvas.uncond[rows], mask_id)
+            uncond = model_fn(uncond_ids, canvas.attn[rows])[:, lo:hi].float()
+            canvas.nfe += 1
+            logits = guided_logits(logits, uncond, settings.cfg_scale)
+        logits = logits.masked_fill(canvas.banned(logits.shape[-1], logits.device), float("-inf"))
+        logits = filter_logits(logits, top_k=settings.top_k, top_p=settings.top_p)
+        tokens = sample_tokens(logits, settings.temperature, generator).to(canvas.ids.device)
+        if reveal is not None:
+            commit = reveal[rows]
+        else:
+            commit = most_confident(logits, tokens, still[rows], want[rows], settings.remasking,
+                                    settings.threshold, generator)
+        canvas.ids[rows, lo:hi] = torch.where(commit, tokens, canvas.ids[rows, lo:hi])
+        canvas.steps_run += 1
+
+        if on_step is not None:
+            committed = torch.zeros(canvas.ids.shape, dtype=torch.bool)
+            committed[rows.cpu(), lo:hi] = commit.cpu()
+            start = canvas.view_from
+            on_step(SamplerStep(step=first_step + k, block=block,
+                                answer=canvas.ids[:, start:].cpu().clone(),
+                                committed=committed[:, start:], nfe=canvas.nfe))
+        if finished is not None:
+            canvas.active &= ~finished(canvas.ids)
+
+
 @torch.inference_mode()
 def generate(
     model_fn: LogitsFn,
     prompts: Union[Sequence[Sequence[int]], torch.Tensor],
+    settings: SamplerSettings,
     *,
     mask_id: int,
     eos_id: int,
     special_ids: Iterable[int] = (),
     pad_id: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
-    max_new_tokens: int = 64,
-    steps: int = 64,
-    block_length: Optional[int] = 32,
-    remasking: str = "low_confidence",
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    cfg_scale: float = 0.0,
-    threshold: Optional[float] = None,
-    early_stop: bool = True,
-    rule: str = "commit",
     generator: Optional[torch.Generator] = None,
-    max_positions: Optional[int] = None,
     device: Optional[Union[torch.device, str]] = None,
     record_history: bool = True,
     on_step: Optional[Callable[[SamplerStep], None]] = None,
 ) -> SampleResult:
-    """Return the answers sampled for a batch of prompts (lists of ids, or left-padded ids)."""
+    """Return the answers sampled for a batch of prompts (lists of ids, or left-padded ids).
+
+    `settings` were validated when built; only the prompts' length is checked here, against
+    `settings.prompt_budget`, before any model call.
+    """
     prompt_ids, prompt_mask = _left_padded(prompts, attention_mask, pad_id, device)
-    num_blocks = validate_sampler_args(
-        prompt_length=prompt_ids.shape[1],
-        max_new_tokens=max_new_tokens,
-        steps=steps,
-        block_length=block_length,
-        remasking=remasking,
-        rule=rule,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        cfg_scale=cfg_scale,
-        threshold=threshold,
-        max_positions=max_positions,
-    )
+    settings.check_prompt(prompt_ids.shape[1])
     batch, start = prompt_ids.shape
-    block, block_steps = max_new_tokens // num_blocks, steps // num_blocks
-    answer_masks = torch.full((batch, max_new_tokens), mask_id, dtype=torch.long)
-    canvas = torch.cat([prompt_ids, answer_masks.to(prompt_ids.device)], dim=1)
-    attn = torch.cat([prompt_mask, torch.ones_like(answer_masks).to(prompt_mask.device)], dim=1)
+    new = settings.max_new_tokens
+    answer_masks = torch.full((batch, new), mask_id, dtype=torch.long, device=prompt_ids.device)
+    attn = torch.cat([prompt_mask, torch.ones_like(answer_masks)], dim=1)
     # Guidance's unconditional input is the same canvas with the real prompt tokens masked.
-    prompt_positions = torch.cat([prompt_mask.bool(), torch.zeros_like(attn[:, start:]).bool()], 1)
-    active = torch.ones(batch, dtype=torch.bool, device=canvas.device)
-    banned: Optional[torch.Tensor] = None
-    nfe = steps_run = steps_skipped = 0
+    uncond = torch.cat([prompt_mask.bool(), torch.zeros_like(answer_masks).bool()], 1)
+
+    def ban(vocab_size: int, dev: torch.device) -> torch.Tensor:
+        return banned_token_mask(vocab_size, mask_id=mask_id, eos_id=eos_id,
+                                 special_ids=special_ids, pad_id=pad_id, device=dev)
+
+    canvas = Canvas(torch.cat([prompt_ids, answer_masks], dim=1), attn, mask_id, ban,
+                    uncond=uncond, view_from=start)
     history: List[SamplerStep] = []
+    record = record_steps(history, record_history, on_step)
 
-    for b in range(num_blocks):
-        lo, hi = start + b * block, start + (b + 1) * block
-        masked_at_start = ((canvas[:, lo:hi] == mask_id) & active[:, None]).sum(1)
-        schedule = commit_schedule_table(masked_at_start, block_steps)
-        for k in range(block_steps):
-            still = (canvas[:, lo:hi] == mask_id) & active[:, None]
-            if not still.any():
-                break  # the rest of this block's budget is an upper bound, not a quota
-            reveal = None
-            if rule == "original":
-                draw = uniform_like(still, torch.float64, generator)
-                reveal = still & (draw < unmask_probability(k, block_steps))
-                want = reveal.sum(1)
-            elif threshold is None:
-                want = torch.minimum(schedule[:, k], still.sum(1))
-            else:
-                want = minimum_commits(still.sum(1), block_steps - k)
-            rows = (want > 0).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                steps_skipped += 1
-                continue
+    def finished(ids: torch.Tensor) -> torch.Tensor:
+        return finished_answers(ids[:, start:], mask_id, eos_id)
 
-            logits = model_fn(canvas[rows], attn[rows])[:, lo:hi].float()
-            nfe += 1
-            if cfg_scale > 0:
-                uncond_ids = canvas[rows].masked_fill(prompt_positions[rows], mask_id)
-                uncond = model_fn(uncond_ids, attn[rows])[:, lo:hi].float()
-                nfe += 1
-                logits = guided_logits(logits, uncond, cfg_scale)
-            if banned is None:
-                banned = banned_token_mask(
-                    logits.shape[-1],
-                    mask_id=mask_id,
-                    eos_id=eos_id,
-                    special_ids=special_ids,
-                    pad_id=pad_id,
-                    device=logits.device,
-                )
-            logits = logits.masked_fill(banned, float("-inf"))
-            logits = filter_logits(logits, top_k=top_k, top_p=top_p)
-            tokens = sample_tokens(logits, temperature, generator).to(canvas.device)
-            if reveal is not None:
-                commit = reveal[rows]
-            else:
-                commit = _most_confident(
-                    logits, tokens, still[rows], want[rows], remasking, threshold, generator
-                )
-            canvas[rows, lo:hi] = torch.where(commit, tokens, canvas[rows, lo:hi])
-            steps_run += 1
-
-            if record_history or on_step is not None:
-                committed = torch.zeros(batch, max_new_tokens, dtype=torch.bool)
-                committed[rows.cpu(), lo - start : hi - start] = commit.cpu()
-                snapshot = SamplerStep(
-                    step=b * block_steps + k,
-                    block=b,
-                    answer=canvas[:, start:].cpu().clone(),
-                    committed=committed,
-                    nfe=nfe,
-                )
-                if record_history:
-                    history.append(snapshot)
-                if on_step is not None:
-                    on_step(snapshot)
-            if early_stop:
-                active &= ~finished_answers(canvas[:, start:], mask_id, eos_id)
-        if not active.any():
+    for b in range(settings.num_blocks):
+        lo = start + b * settings.block
+        unmask_block(model_fn, canvas, lo, lo + settings.block, settings.block_steps, settings,
+                     block=b, first_step=b * settings.block_steps, generator=generator,
+                     finished=finished if settings.early_stop else None, on_step=record)
+        if not canvas.active.any():
             break
 
-    answer = canvas[:, start:].cpu()
+    answer = canvas.ids[:, start:].cpu()
     eos = finished_answers(answer, mask_id, eos_id)
     rows_out = [row.tolist() for row in answer]
     return SampleResult(
         tokens=[
-            row[: row.index(eos_id)] if early_stop and done else row
+            row[: row.index(eos_id)] if settings.early_stop and done else row
             for row, done in zip(rows_out, eos.tolist())
         ],
         eos=eos.tolist(),
         committed=(answer != mask_id).sum(1).tolist(),
-        nfe=nfe,
-        steps_run=steps_run,
-        steps_skipped=steps_skipped,
+        nfe=canvas.nfe,
+        steps_run=canvas.steps_run,
+        steps_skipped=canvas.steps_skipped,
         answer=answer,
         history=history,
     )
+
+
+def record_steps(history: List[SamplerStep], record_history: bool,
+              on_step: Optional[Callable[[SamplerStep], None]]
+              ) -> Optional[Callable[[SamplerStep], None]]:
+    """Return the per-step callback that appends to `history` and calls `on_step` (or None)."""
+    if not record_history and on_step is None:
+        return None
+
+    def record(step: SamplerStep) -> None:
+        if record_history:
+            history.append(step)
+        if on_step is not None:
+            on_step(step)
+
+    return record
 
 
 def finished_answers(answer: torch.Tensor, mask_id: int, eos_id: int) -> torch.Tensor:
@@ -229,7 +276,7 @@ def finished_answers(answer: torch.Tensor, mask_id: int, eos_id: int) -> torch.T
     return is_eos.any(1) & ~masked_before
 
 
-def _most_confident(
+def most_confident(
     logits: torch.Tensor,
     tokens: torch.Tensor,
     candidates: torch.Tensor,

@@ -20,6 +20,7 @@ from ldm.sampling.prompts import (InfillTemplate, Prompt, chat_messages, check_p
                                   infill_fills)
 from ldm.sampling.render import GifRecorder, LiveView, clean_answer
 from ldm.sampling.sampler import LogitsFn, generate
+from ldm.sampling.settings import SamplerSettings
 from ldm.errors import ConfigError, DataError
 from ldm.tokenizer import chat_token_ids, encode_chat
 
@@ -27,11 +28,11 @@ from ldm.tokenizer import chat_token_ids, encode_chat
 class Session:
     """Samples with fixed settings and records every result in a JSONL file."""
 
-    def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int, sampler: Dict[str, Any],
+    def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int, sampler: SamplerSettings,
                  path: Path, batch_size: int = 8, seed: int = 0, device="cpu",
-                 render: str = "none", max_positions: Optional[int] = None,
-                 record_extra: Optional[Dict[str, Any]] = None, console=None, echo: bool = True):
-        self.model_fn, self.tok, self.mask_id, self.sampler = model_fn, tok, mask_id, dict(sampler)
+                 render: str = "none", record_extra: Optional[Dict[str, Any]] = None,
+                 console=None, echo: bool = True):
+        self.model_fn, self.tok, self.mask_id, self.sampler = model_fn, tok, mask_id, sampler
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         banned = set(tok.all_special_ids)
         try:  # the chat turn tokens are special in our exports; ban them whatever a hub model says
@@ -40,7 +41,7 @@ class Session:
             pass
         self.special_ids = sorted(banned - {self.eos_id})
         self.path, self.batch_size, self.device = Path(path), batch_size, torch.device(device)
-        self.render, self.max_positions = render, max_positions
+        self.render, self.max_positions = render, sampler.max_positions
         self.console, self.echo = console, echo
         self.extra = dict(record_extra or {})
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -104,10 +105,9 @@ class Session:
 
     def _generate(self, prompt_ids: List[List[int]], labels: Sequence[str]):
         def call(**render):
-            return generate(self.model_fn, prompt_ids, mask_id=self.mask_id, eos_id=self.eos_id,
-                            special_ids=self.special_ids, pad_id=self.pad_id,
-                            generator=self.generator, max_positions=self.max_positions,
-                            device=self.device, **self.sampler, **render)
+            return generate(self.model_fn, prompt_ids, self.sampler, mask_id=self.mask_id,
+                            eos_id=self.eos_id, special_ids=self.special_ids, pad_id=self.pad_id,
+                            generator=self.generator, device=self.device, **render)
         return self._timed(call, labels)
 
     @staticmethod
@@ -148,17 +148,14 @@ class Session:
     def infill(self, canvases: Sequence[Tuple[List[int], List[Tuple[int, int]]]],
                templates: Sequence[InfillTemplate]) -> None:
         """Fill the [MASK:N] spans of every canvas, in batches, using text on both sides."""
-        args = {k: self.sampler[k] for k in ("steps", "remasking", "temperature", "top_k",
-                                              "top_p", "threshold")}
         for lo in range(0, len(canvases), self.batch_size):
             batch = canvases[lo:lo + self.batch_size]
 
             def call(**render):
-                return infill_canvases(self.model_fn, [ids for ids, _ in batch],
+                return infill_canvases(self.model_fn, [ids for ids, _ in batch], self.sampler,
                                        mask_id=self.mask_id, pad_id=self.pad_id,
                                        banned_ids=[*self.special_ids, self.eos_id],
-                                       generator=self.generator, device=self.device,
-                                       **args, **render)
+                                       generator=self.generator, device=self.device, **render)
 
             result, seconds = self._timed(call, [""] * len(batch))
             total = sum(b - a for _, ranges in batch for a, b in ranges)
@@ -191,8 +188,7 @@ class Session:
 
     def _fit(self, messages: List[Dict[str, str]]) -> Optional[List[int]]:
         """Return the prompt ids, dropping the oldest exchanges while it is too long to answer."""
-        new = self.sampler["max_new_tokens"]
-        room = None if self.max_positions is None else self.max_positions - new
+        room = self.sampler.prompt_budget
         while True:
             ids = encode_chat(self.tok, messages, add_generation_prompt=True)[0]
             if room is None or len(ids) <= room:
@@ -228,7 +224,7 @@ def repl(session: Session, system: Optional[str] = None,
         if answer is None:
             messages.pop()
             print(f"that message is too long for the model's {session.max_positions} positions "
-                  f"with max_new_tokens={session.sampler['max_new_tokens']}; write a shorter one",
+                  f"with max_new_tokens={session.sampler.max_new_tokens}; write a shorter one",
                   file=sys.stderr, flush=True)
             continue
         print(answer, flush=True)

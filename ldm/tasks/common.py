@@ -1,4 +1,6 @@
-"""Helpers shared by the tasks: tracking setup from the config, the run folder."""
+"""Helpers shared by the tasks: tracking setup from the config, the run folder, devices, and the
+Hydra callbacks (run-folder lock, sweep parent run): the glue between Hydra's config and the
+library, which never reads it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm import tracking
 from ldm.errors import ConfigError
+from ldm.ranks import is_main_process
 
 log = logging.getLogger("ldm")
 
@@ -26,6 +29,28 @@ def tracking_target(cfg: DictConfig) -> Tuple[Optional[str], Optional[str], str]
         artifacts = tracking.local_artifact_uri(outputs)
     experiment = cfg.experiment_name or cfg.task.name
     return uri, artifacts, experiment
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str) -> str:
+    """Return task.device `name` if this machine can run it, else raise ConfigError."""
+    import torch
+
+    if name not in DEVICES:
+        raise ConfigError(f"task.device={name!r}; accepted: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("task.device=cuda but no CUDA device is available; use auto or cpu")
+    return name
+
+
+def pick_device(name: str):
+    """Return the torch device for task.device (auto = cuda when available)."""
+    import torch
+
+    check_device(name)
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=+@-]{0,199}$")
@@ -57,6 +82,15 @@ def run_dir(cfg: DictConfig) -> Path:
     return out
 
 
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def read_parent_run_id(sweep_dir: str | Path) -> Optional[str]:
+    """Return the sweep's parent run id written by `SweepParentRun`, if any."""
+    path = Path(sweep_dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _sweep_parent_id() -> Optional[str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -66,7 +100,7 @@ def _sweep_parent_id() -> Optional[str]:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    return tracking.read_parent_run_id(hc.sweep.dir)
+    return read_parent_run_id(hc.sweep.dir)
 
 
 def check_tracking(cfg: DictConfig) -> None:
@@ -85,7 +119,7 @@ def check_tracking(cfg: DictConfig) -> None:
 def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracking.Tracker:
     """Start the mlflow run for this task (params, tags, config artifacts) and return it."""
     check_tracking(cfg)
-    enabled = cfg.tracking.backend == "mlflow" and tracking.is_main_process()
+    enabled = cfg.tracking.backend == "mlflow" and is_main_process()
     if not enabled:
         return tracking.Tracker(enabled=False)
     uri, artifacts, experiment = tracking_target(cfg)
@@ -159,7 +193,7 @@ class RunFolderLock(Callback):
 
         from ldm.errors import LdmError
 
-        if not tracking.is_main_process():
+        if not is_main_process():
             return
         try:
             check_run_name(config.run_name)
@@ -176,3 +210,32 @@ class RunFolderLock(Callback):
                 raise
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: one parent mlflow run per multirun; every job becomes its child."""
+
+    def __init__(self) -> None:
+        self.tracker: Optional[tracking.Tracker] = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if config.tracking.backend != "mlflow":
+            return
+        uri, artifacts, experiment = tracking_target(config)
+        self.tracker = tracking.Tracker(
+            enabled=True, uri=uri, artifact_location=artifacts, experiment=experiment,
+            run_name=f"sweep-{Path(config.hydra.sweep.dir).name}",
+            tags={"ldm.sweep": "parent", "ldm.command": " ".join(sys.argv)},
+            required=bool(config.tracking.required),
+        )
+        if not self.tracker.enabled:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(self.tracker.run_id)
+        params = OmegaConf.to_container(config.hydra.sweeper.params or {}, resolve=False)
+        self.tracker.log_params({f"sweep.{k}": v for k, v in params.items()})
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if self.tracker is not None:
+            self.tracker.finish("FINISHED")

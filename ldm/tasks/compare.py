@@ -19,9 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from ldm import tracking
+from ldm import runs
 from ldm.errors import ConfigError, LdmError
-from ldm.tasks.common import check_tracking, run_dir, tracking_target
+from ldm.tasks.common import (PARENT_RUN_FILE, check_tracking, read_parent_run_id, run_dir,
+                              tracking_target)
 
 log = logging.getLogger("ldm")
 
@@ -34,12 +35,12 @@ def resolve_parent(uri: str, ref: str) -> Dict[str, Any]:
     """Return the parent run named by id, name or sweep folder; LdmError when there is none."""
     folder = Path(ref).expanduser()
     if folder.is_dir():
-        run_id = tracking.read_parent_run_id(folder)
+        run_id = read_parent_run_id(folder)
         if run_id is None:
-            raise LdmError(f"compare_run={ref!r} is a folder without {tracking.PARENT_RUN_FILE}; "
+            raise LdmError(f"compare_run={ref!r} is a folder without {PARENT_RUN_FILE}; "
                            "pass a sweep folder (outputs/sweeps/<time>_<task>), a run id or name")
         ref = run_id
-    run = tracking.find_run(uri, ref)
+    run = runs.find_run(uri, ref)
     if run is None:
         raise LdmError(f"compare_run={ref!r}: no mlflow run with this id or name in {uri}; pass "
                        "the parent run of a sweep (its id, its name sweep-<time>_<task>, or "
@@ -150,7 +151,7 @@ def run(cfg: DictConfig) -> float:
                           "tracking=mlflow_server tracking.uri=..., not tracking=off")
     uri, _, _ = tracking_target(cfg)
     parent = resolve_parent(uri, str(ref))
-    children = tracking.child_runs(uri, parent)
+    children = runs.child_runs(uri, parent)
     if not children:
         raise LdmError(f"compare_run={ref!r}: mlflow run {parent['run_id']} "
                        f"({parent['run_name']}) has no child runs; pass the parent run of a "
@@ -182,7 +183,7 @@ def run(cfg: DictConfig) -> float:
     image = plot(rows, columns, metric, lower, f"{parent['run_name']}: {metric}",
                  folder / f"{stem}_{metric}.png")
     try:
-        tracking.log_artifact_to_run(uri, parent["run_id"], image, "compare")
+        runs.log_artifact_to_run(uri, parent["run_id"], image, "compare")
     except Exception as err:  # noqa: BLE001 - the plot is on disk either way
         log.warning("could not log the plot to run %s: %s", parent["run_id"], err)
     print(f"plot: {image} (also in the parent run's artifacts under compare/)")

@@ -1,9 +1,11 @@
 """task=evaluate: the held-out NELBO of an export and, on chat data, its answers scored.
 
-    python run.py task=evaluate checkpoint=outputs/models/<run> dataset=<name> model=<option> \
-        context=<ctx> [sampler=fast sampler.max_new_tokens=32 ...]
+    python run.py task=evaluate checkpoint=outputs/models/<run> [dataset=<name>] \
+        [sampler=fast sampler.max_new_tokens=32 ...]
 
-The prepared data is found by name (dataset, model's tokenizer, context) as in training. On its
+The export brings its model, context and masking, and the dataset it was trained on (unless
+`dataset=` names another); the prepared data is found by name (dataset, the model's tokenizer,
+context) as in training. On its
 test split: the negative ELBO per maskable token and its perplexity bound, deterministic (rows
 from the start of the split, `task.t_grid` fixed t values, `task.mc_samples` seeded masks each),
 and the masked-token accuracy by t bucket. On chat data, the first `task.max_examples` held-out
@@ -23,23 +25,23 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Dict, List
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ldm.errors import ConfigError, DataError, LdmError
-from ldm.tasks.checkpoints import resolve_checkpoint
+from ldm.errors import ConfigError, DataError
+from ldm.sampling.settings import SamplerSettings
+from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
 
 log = logging.getLogger("ldm")
 
-DEVICES = ("auto", "cpu", "cuda")
 RESULTS = Path("eval") / "results.jsonl"
 METRICS = Path("eval") / "metrics.json"
 
 
-def validate(cfg: DictConfig) -> Dict[str, Any]:
-    """Check the task and sampler settings before anything is loaded; return the sampler args."""
-    from ldm.sampling.validation import validate_sampler_args
+def validate(cfg: DictConfig) -> SamplerSettings:
+    """Check the task and sampler settings before anything is loaded; return the sampler's."""
+    from ldm.tasks.common import check_device
 
     task = cfg.task
     for key in ("t_grid", "mc_samples", "batch_size"):
@@ -49,15 +51,10 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError(f"task.max_examples={task.max_examples} must be >= 0 (0 = no answers)")
     if task.max_rows is not None and task.max_rows < 1:
         raise ConfigError(f"task.max_rows={task.max_rows} must be >= 1 or null (the whole split)")
-    if task.device not in DEVICES:
-        raise ConfigError(f"task.device={task.device!r}; accepted: {', '.join(DEVICES)}")
+    check_device(task.device)
     if cfg.dataset.kind not in ("text", "chat"):
         raise ConfigError(f"dataset.kind={cfg.dataset.kind!r}; accepted: text, chat")
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-                if k != "name"}
-    validate_sampler_args(prompt_length=0, **{k: v for k, v in settings.items()
-                                              if k != "early_stop"})
-    return settings
+    return SamplerSettings.from_config(cfg.sampler)
 
 
 def check_data_vocabulary(ckpt_tok, data_tok, checkpoint: str, data_dir: Path,
@@ -83,15 +80,6 @@ def check_data_vocabulary(ckpt_tok, data_tok, checkpoint: str, data_dir: Path,
                     f"{checkpoint} does not share: {len(wrong)} of its tokens have another id or "
                     f"none in the checkpoint's tokenizer, e.g. {wrong[0]!r}; prepare the data "
                     f"with the checkpoint's tokenizer: `{command} task.force=true`")
-
-
-def pick_device(name: str):
-    """Return the torch device for task.device (auto = cuda when available)."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("task.device=cuda but no CUDA device is available; use auto or cpu")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def write_atomically(path: Path, text: str) -> Path:
@@ -126,14 +114,15 @@ def run(cfg: DictConfig) -> float:
     from ldm.data.store import load_prepared
     from ldm.evaluate import (answer_all, answer_metrics, fixed_batches, heldout_answers,
                                heldout_nelbo, synthetic_references)
-    from ldm.model import load_model
-    from ldm.tasks.common import open_tracker, run_dir
+    from ldm.tasks.common import open_tracker, pick_device, run_dir
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
     from ldm.train.data import chat_collate, packed_collate
 
     settings = validate(cfg)
-    ckpt = resolve_checkpoint(cfg.checkpoint, "evaluate")
+    export = resolve_checkpoint(cfg.checkpoint, "evaluate")
+    cfg = with_export_groups(cfg, export)
+    settings = settings.with_max_positions(export.max_positions)
     kind = cfg.dataset.kind
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")
@@ -141,17 +130,17 @@ def run(cfg: DictConfig) -> float:
     if manifest.get("kind", "text") != kind or manifest.get("context_length") != cfg.context.length:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
-    if ckpt.max_positions is not None and cfg.context.length > ckpt.max_positions:
+    if export.max_positions is not None and cfg.context.length > export.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds the "
-                          f"{ckpt.max_positions} positions of checkpoint={cfg.checkpoint}")
+                          f"{export.max_positions} positions of checkpoint={cfg.checkpoint}")
     test = splits["test"]
     if len(test) == 0:
         raise DataError(f"the test split of {data_dir} is empty; prepare it with a larger "
                         "dataset.test_split_pct")
-    tok = load_tokenizer(ckpt.where)
+    tok = export.load_tokenizer()
     check_data_vocabulary(tok, load_tokenizer(str(data_dir / "tokenizer")), cfg.checkpoint,
                           data_dir, command)
-    mask_id = ckpt.mask_id if ckpt.mask_id is not None else tok.mask_token_id
+    mask_id = export.mask_id if export.mask_id is not None else tok.mask_token_id
 
     jobs: List[dict] = []
     synthetic_data = kind == "chat" and cfg.dataset.source == "synthetic"
@@ -164,12 +153,7 @@ def run(cfg: DictConfig) -> float:
         jobs = [{"prompt_ids": p, "task": task, "reference": ref}
                 for (p, _), (task, ref) in zip(pairs, refs)]
         longest = max((len(j["prompt_ids"]) for j in jobs), default=0)
-        limit = ckpt.max_positions
-        if limit is not None and longest + settings["max_new_tokens"] > limit:
-            raise ConfigError(f"the longest held-out prompt has {longest} tokens; + "
-                              f"sampler.max_new_tokens={settings['max_new_tokens']} exceeds the "
-                              f"{limit} positions of the checkpoint; lower "
-                              "sampler.max_new_tokens or task.max_examples")
+        settings.check_prompt(longest, "the longest held-out prompt")
     if kind == "text":
         headline, lower_better = "nelbo", True
     else:
@@ -183,19 +167,15 @@ def run(cfg: DictConfig) -> float:
     collate = chat_collate(tok.pad_token_id) if kind == "chat" else packed_collate
     (folder / RESULTS).unlink(missing_ok=True)  # a rerun of this run_name starts afresh
     with open_tracker(cfg) as tracker:
-        tracker.set_tags({"ldm.checkpoint": ckpt.where, "ldm.data_dir": str(data_dir),
+        tracker.set_tags({"ldm.checkpoint": export.where, "ldm.data_dir": str(data_dir),
                           "ldm.fingerprint": manifest.get("fingerprint", ""),
                           "ldm.run_dir": str(folder), "ldm.headline_metric": headline,
                           "ldm.headline_direction": "lower" if lower_better else "higher"})
-        log.info("evaluating %s on the test split of %s", ckpt.where, data_dir)
-        model = load_model("hub" if ckpt.hub else "export", ckpt.where, dtype=cfg.model.dtype,
-                           attn_implementation=cfg.model.attn_implementation,
-                           trust_remote_code=cfg.model.trust_remote_code)
-        if model.get_input_embeddings().num_embeddings < len(tok):
-            raise LdmError(f"checkpoint={cfg.checkpoint}: the model has "
-                           f"{model.get_input_embeddings().num_embeddings} embeddings but its "
-                           f"tokenizer {len(tok)} tokens; the export is inconsistent")
-        model = model.to(device).eval()
+        log.info("evaluating %s on the test split of %s", export.where, data_dir)
+        model = export.load_model(dtype=cfg.model.dtype,
+                                  attn_implementation=cfg.model.attn_implementation,
+                                  trust_remote_code=cfg.model.trust_remote_code,
+                                  vocab_size=len(tok), device=device)
         num_batches = math.ceil(rows / cfg.task.batch_size)
         batches = fixed_batches(test, num_batches, cfg.task.batch_size, collate, device)
         metrics = heldout_nelbo(
@@ -213,7 +193,7 @@ def run(cfg: DictConfig) -> float:
         metrics_path = write_atomically(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(metrics_path, "eval")
-    print(f"checkpoint {ckpt.where}, held-out data {data_dir}")
+    print(f"checkpoint {export.where}, held-out data {data_dir}")
     print_summary(metrics, headline, lower_better)
     if jobs:
         print(f"results: {folder / RESULTS}")

@@ -113,10 +113,6 @@ def chat_tokenizer(cfg: DictConfig, conversations):
     trained on the message texts of the training split; starting from a pretraining export
     (init_from) keeps that export's tokenizer, so the token ids agree.
     """
-    if cfg.init_from and Path(cfg.init_from).is_dir():
-        from ldm.train.checkpoint import check_export_compatible
-
-        check_export_compatible(cfg.init_from)
     if cfg.init_from or cfg.model.tokenizer != TRAIN_BPE:
         return load_tokenizer(cfg.init_from or cfg.model.tokenizer)
     import tempfile
@@ -173,6 +169,9 @@ def tokenizer_identity(tok) -> str:
 
 def run(cfg: DictConfig) -> float:
     """Prepare pretraining or chat data; return the number of training tokens."""
+    from ldm.tasks.checkpoints import with_init_from_model
+
+    cfg = with_init_from_model(cfg)  # an init_from export brings its model group
     validate(cfg)
     if cfg.dataset.kind == "chat":
         return run_chat(cfg)
@@ -190,7 +189,9 @@ def run(cfg: DictConfig) -> float:
     )
     spec = {"source": description, "tokenizer": tok_id, "context": cfg.context.length,
             "split_seed": ds.split_seed, "test_split_pct": ds.test_split_pct,
-            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents}
+            "pack": cfg.task.pack, "last_row": cfg.task.last_row, "max_documents": ds.max_documents,
+            # data prepared before text spelling a special token was kept as text is not reused
+            "special_token_text": "split"}
     fp = store.fingerprint(spec)
     with open_tracker(cfg) as tracker:
         tracker.set_tags({"ldm.data_dir": str(final), "ldm.fingerprint": fp})

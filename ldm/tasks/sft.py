@@ -5,52 +5,51 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ldm.evaluate import heldout_answers
+from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.train_common import run_training
 
 log = logging.getLogger("ldm")
 
 
-def heldout_prompts(test_split, count: int) -> list:
-    """Return (prompt ids, reference answer ids) of the first `count` held-out examples."""
-    out = []
-    view = test_split.with_format("numpy")
-    for i in range(min(count, len(test_split))):
-        row = view[i]
-        ids, mask = np.asarray(row["input_ids"]), np.asarray(row["answer_mask"]).astype(bool)
-        if not mask.any():
-            continue
-        first = int(mask.argmax())
-        length = int(row["length"]) if "length" in row else len(ids)
-        out.append((ids[:first].tolist(), ids[first:length].tolist()))
-    return out
+def sampler_settings(cfg: DictConfig) -> SamplerSettings:
+    """Return the sampler settings of the SFT-time samples, checked against the model's positions."""
+    from ldm.export import read_export
+    from ldm.hub import is_local
+
+    if cfg.init_from and is_local(cfg.init_from):
+        positions = read_export(cfg.init_from, "init_from").max_positions
+    elif cfg.init_from:
+        positions = None  # a hub model: its limit is checked once it loads
+    else:
+        positions = cfg.model.max_positions
+    return SamplerSettings.from_config(cfg.sampler, positions)
 
 
-def sample_hook(cfg: DictConfig):
+def sample_hook(cfg: DictConfig, settings: SamplerSettings):
     """Return the on_eval factory that answers a few held-out prompts with the sampler."""
     def factory(tokenizer, test_split, tracker):
         import torch
 
         from ldm.sampling.sampler import generate, hf_logits_fn
 
-        prompts = heldout_prompts(test_split, cfg.task.eval_samples)
-        settings = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-                    if k != "name"}
+        # the same prompts task=evaluate answers: everything before each row's last answer
+        prompts = heldout_answers(test_split, cfg.task.eval_samples)
         if not prompts:
             return None
+        longest = max(len(p) for p, _ in prompts)
+        settings.check_prompt(longest, "the longest held-out prompt of task.eval_samples")
 
         def on_eval(mlm, step: int) -> None:
             was_training = mlm.training
             mlm.eval()
-            result = generate(hf_logits_fn(mlm), [p for p, _ in prompts],
+            result = generate(hf_logits_fn(mlm), [p for p, _ in prompts], settings,
                               mask_id=tokenizer.mask_token_id, eos_id=tokenizer.eos_token_id,
                               special_ids=tokenizer.all_special_ids, pad_id=tokenizer.pad_token_id,
                               generator=torch.Generator().manual_seed(cfg.seed),
-                              max_positions=getattr(mlm.config, "max_position_embeddings", None),
-                              device=next(mlm.parameters()).device, record_history=False,
-                              **settings)
+                              device=next(mlm.parameters()).device, record_history=False)
             lines = []
             for (prompt, reference), answer in zip(prompts, result.tokens):
                 lines.append(json.dumps({
@@ -69,6 +68,8 @@ def run(cfg: DictConfig) -> float:
     """Finetune on chat data and export; return the final held-out answer NELBO per token."""
     from ldm.train.data import chat_collate
 
+    # the settings of the samples taken at each evaluation, checked before anything trains
+    settings = sampler_settings(cfg) if cfg.task.eval_samples > 0 else None
     return run_training(cfg, kind="chat", normalizer_default="sequence",
                         collate_for=lambda tok: chat_collate(tok.pad_token_id),
-                        on_eval_for=sample_hook(cfg) if cfg.task.eval_samples > 0 else None)
+                        on_eval_for=sample_hook(cfg, settings) if settings else None)

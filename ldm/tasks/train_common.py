@@ -77,8 +77,10 @@ def fsdp_layer_names(settings: dict) -> list:
 
 def model_source(cfg: DictConfig) -> tuple[str, Optional[str]]:
     """Return (source, pretrained) for load_model: init_from wins over the model option."""
+    from ldm.hub import is_local
+
     if cfg.init_from:
-        return ("export" if Path(cfg.init_from).is_dir() else "hub"), cfg.init_from
+        return ("export" if is_local(cfg.init_from) else "hub"), cfg.init_from
     return cfg.model.source, cfg.model.pretrained
 
 
@@ -87,10 +89,6 @@ def build_model(cfg: DictConfig, tokenizer):
     from ldm.model import load_model
 
     source, pretrained = model_source(cfg)
-    if source == "export":
-        from ldm.train.checkpoint import check_export_compatible
-
-        check_export_compatible(pretrained)
     arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
     if source == "config":
         # a model built from scratch takes its special ids from the tokenizer it is built for
@@ -152,6 +150,9 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     """
     from ldm.data.store import load_prepared
     from ldm.errors import DataError
+    from ldm.export import write_export
+    from ldm.hub import is_local
+    from ldm.tasks.checkpoints import with_init_from_model
     from ldm.tasks.common import (check_run_name, check_tracking, lock_run_folder, open_tracker,
                                   run_dir)
     from ldm.tasks.prepare import prepare_command, prepared_data_dir
@@ -161,6 +162,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     from ldm.train.loop import make_accelerator, seed_everything, train, validate
 
     check_tracking(cfg)
+    cfg = with_init_from_model(cfg)  # before anything reads cfg.model
     if cfg.dataset.kind != kind:
         raise ConfigError(f"task={cfg.task.name} trains on kind '{kind}' datasets; dataset="
                           f"{cfg.dataset.name} is kind '{cfg.dataset.kind}'")
@@ -174,7 +176,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
-    if cfg.init_from and Path(cfg.init_from).is_dir():
+    if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
     loop_cfg = loop_config(cfg, tokenizer.mask_token_id, normalizer_default)
     validate(loop_cfg, cfg.hardware.num_processes)
@@ -201,10 +203,11 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
 
     def export(mlm, step: int, state_dict=None) -> Path:
-        out = ckpt.export_model(mlm, tokenizer, export_dir, resolved,
-                                {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
-                                 "data": str(data_dir), "mask_id": tokenizer.mask_token_id},
-                                state_dict=state_dict)
+        out = write_export(mlm, tokenizer, export_dir, resolved,
+                           {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
+                            "data": str(data_dir), "fingerprint": manifest.get("fingerprint"),
+                            "dataset": cfg.dataset.name, "context": cfg.context.name},
+                           state_dict=state_dict)
         tracker.set_tags({"ldm.export": str(out)})
         log.info("exported step %d to %s", step, out)
         return out

@@ -1,4 +1,4 @@
-"""Resumable checkpoints in the run folder, and the Hugging Face export of a finished model.
+"""Resumable checkpoints in the run folder (the export of a finished model is `ldm/export.py`).
 
 A checkpoint is `<run>/checkpoints/step-NNNNNNN/`: accelerate's full state (weights, optimizer,
 scheduler, RNG) plus `trainer_state.json`. It is written under a hidden temporary name and
@@ -16,16 +16,12 @@ from typing import Any, Dict, Optional
 
 from safetensors import SafetensorError
 
-from ldm.data.store import atomic_folder
 from ldm.errors import LdmError
 from ldm.faults import kill_point
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-EXPORT_INFO = "ldm_export.json"
-EXPORT_FORMAT = 1  # bump when an export's layout changes in a way older ldm cannot read
-COMPAT_LIBRARIES = ("transformers", "torch")  # an export needs the same major version of these
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -110,77 +106,3 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: Dict[str
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def library_versions() -> Dict[str, str]:
-    """Return the versions of the libraries that shape an export."""
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("ldm", "torch", "transformers", "tokenizers", "safetensors", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
-def export_model(model, tokenizer, out_dir: str | Path, resolved_config_yaml: str,
-                 info: Dict[str, Any], state_dict: Optional[Dict[str, Any]] = None) -> Path:
-    """Write a Hugging Face export (safetensors + tokenizer + config) atomically; return it.
-
-    `state_dict` replaces the model's own weights (FSDP: the gathered full weights).
-    """
-    out_dir = Path(out_dir)
-    try:
-        with atomic_folder(out_dir) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-            kill_point("export")
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / "ldm_config.yaml").write_text(resolved_config_yaml)
-            (tmp / EXPORT_INFO).write_text(json.dumps(
-                {**info, "format": EXPORT_FORMAT, "versions": library_versions()},
-                indent=2, default=str))
-    except (OSError, RuntimeError, SafetensorError) as err:
-        raise LdmError(f"could not write the export {out_dir}: {err}; nothing there was replaced. "
-                       "Free space and re-run the same command: it resumes from the last "
-                       "checkpoint and exports again") from err
-    return out_dir
-
-
-def _major(version: str) -> Optional[int]:
-    match = re.match(r"\d+", str(version))
-    return int(match.group()) if match else None
-
-
-def check_export_compatible(folder: str | Path) -> Dict[str, Any]:
-    """Return an export's ldm_export.json ({} for a plain Hugging Face folder), or raise LdmError.
-
-    Refuses an export of a newer export format than this ldm reads, or one made with another
-    major version of a library in COMPAT_LIBRARIES than the one installed.
-    """
-    path = Path(folder) / EXPORT_INFO
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise LdmError(f"{path} is not valid JSON ({err}); the export is damaged, export it "
-                       "again") from err
-    if not isinstance(info, dict):
-        raise LdmError(f"{path} holds {type(info).__name__}, not an object; export it again")
-    made = info.get("versions") if isinstance(info.get("versions"), dict) else {}
-    fmt = info.get("format", 1)
-    if not isinstance(fmt, int) or fmt > EXPORT_FORMAT:
-        raise LdmError(f"export {folder} has export format {fmt!r} (made by ldm "
-                       f"{made.get('ldm', '?')}); this ldm reads formats up to {EXPORT_FORMAT}: "
-                       "upgrade ldm")
-    installed = library_versions()
-    for name in COMPAT_LIBRARIES:
-        if made.get(name) and installed.get(name) and \
-                _major(made[name]) != _major(installed[name]):
-            raise LdmError(f"export {folder} was made with {name} {made[name]} but {name} "
-                           f"{installed[name]} is installed; another major version may not load "
-                           f"it the same way: install {name}=={_major(made[name])}.* or export "
-                           "it again with this installation")
-    return info

@@ -239,7 +239,7 @@ def chat_export(tmp_path_factory) -> Path:
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     from ldm.tokenizer import add_chat_template, train_bpe
-    from ldm.train.checkpoint import export_model
+    from ldm.export import write_export as export_model
 
     root = tmp_path_factory.mktemp("chat_export")
     texts = ["the king spoke to the queen of the river and the stone in the night.",

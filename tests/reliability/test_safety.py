@@ -204,7 +204,7 @@ def test_export_records_the_resolved_config_and_library_versions(world):
 
 def test_export_of_an_incompatible_version_or_format_is_refused_with_the_versions(world, tmp_path):
     from ldm.errors import LdmError
-    from ldm.train.checkpoint import check_export_compatible, library_versions
+    from ldm.export import check_export_compatible, library_versions
 
     assert check_export_compatible(world.clean_export)["step"] == 6
     plain = tmp_path / "plain"
