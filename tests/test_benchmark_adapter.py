@@ -18,7 +18,7 @@ def export(tmp_path_factory):
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     from ldm.tokenizer import add_chat_template, train_bpe
-    from ldm.train.checkpoint import export_model
+    from ldm.export import write_export
 
     root = tmp_path_factory.mktemp("adapter")
     texts = ["the king spoke to the queen of the river and the stone in the night.",
@@ -31,7 +31,7 @@ def export(tmp_path_factory):
         eos_token_id=tok.eos_token_id, bos_token_id=tok.cls_token_id,
         cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id)
     model = ModernBertForMaskedLM(config).eval()
-    return export_model(model, tok, root / "chat", "model: tiny\n", {"mask_id": tok.mask_token_id})
+    return write_export(model, tok, root / "chat", "model: tiny\n", {"run_name": "tiny"})
 
 
 def make(export, **kw):
@@ -56,7 +56,7 @@ def test_is_greedy_is_true_exactly_for_what_greedy_decoding_produces(export):
     settings = sampler_settings("llada", {"temperature": 0.0, "early_stop": False},
                                 max_new_tokens=3)
     (decoded,) = generate_batch(hf_logits_fn(lm.model), lm.tok, [ids], settings,
-                                mask_id=lm.mask_id, seed=0, max_positions=64, device="cpu")
+                                mask_id=lm.mask_id, seed=0, device="cpu")
     other = [t for t in range(10, 300) if t not in decoded["tokens"]][:3]
     (_, hit), (_, miss) = lm.score_pairs([(ids, decoded["tokens"]), (ids, other)])
     assert hit is True and miss is False

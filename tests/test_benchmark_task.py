@@ -157,10 +157,12 @@ def test_hub_suite_offline_fails_within_seconds_naming_the_offline_suites(suite,
     (["sampler.block_length=5"], "block_length=5"),
 ])
 def test_bad_suite_settings_are_refused_before_anything_loads(overrides, message):
-    from ldm.tasks.benchmark import validate
+    from ldm.tasks.benchmark import check_suite_data, validate
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        validate(_config(*overrides))
+        cfg = _config(*overrides)
+        validate(cfg)
+        check_suite_data(cfg)
 
 
 def test_every_benchmark_option_composes_and_names_its_tasks():

@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 from ldm.benchmark.elbo import check_estimator_args, mc_elbo, model_logits_at
 from ldm.benchmark.generation import (SAMPLER_FIELDS, cut_at_stops, generate_batch,
                                       sampler_settings)
-from ldm.errors import ConfigError, LdmError
+from ldm.errors import ConfigError
 
 log = logging.getLogger("ldm")
 
@@ -59,8 +59,7 @@ class LdmLM(LM):
                  seed: int = 0, device: Optional[str] = "auto", dtype: str = "float32",
                  chat: Any = False, max_batch_size: Any = None, **sampler_overrides):
         super().__init__()
-        from ldm.tasks.checkpoints import resolve_checkpoint
-        from ldm.tokenizer import load_tokenizer
+        from ldm.export import read_export
 
         if pretrained is None:
             raise ConfigError("model_args needs pretrained=<export folder or hub id>")
@@ -79,17 +78,18 @@ class LdmLM(LM):
             raise ConfigError(f"unknown model argument {extra[0]!r}; accepted: pretrained, "
                               f"mc_num, batch_size, cfg_scale, sampler, greedy, seed, device, "
                               f"dtype, chat and the sampler fields {', '.join(SAMPLER_FIELDS)}")
-        self.default_settings = sampler_settings(sampler, self.sampler_overrides)
+        self.checkpoint = read_export(str(pretrained), "pretrained")
+        self.max_positions = self.checkpoint.max_positions
+        self.default_settings = sampler_settings(sampler, self.sampler_overrides,
+                                                 max_positions=self.max_positions)
         self.greedy = "auto" if str(greedy).lower() == "auto" else _flag(greedy)
         self.chat, self.seed = _flag(chat), _int("seed", seed)
         self.dtype = dtype
         self.device_name = device or "auto"
-        self.checkpoint = resolve_checkpoint(str(pretrained), "benchmark")
-        self.tok = load_tokenizer(self.checkpoint.where)
+        self.tok = self.checkpoint.load_tokenizer()
         self.mask_id = (self.checkpoint.mask_id if self.checkpoint.mask_id is not None
                         else self.tok.mask_token_id)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        self.max_positions = self.checkpoint.max_positions
         self._model = None
         self.stats: Dict[str, float] = {"loglikelihood_requests": 0, "loglikelihood_seconds": 0.0,
                                         "model_rows": 0, "generate_requests": 0,
@@ -112,14 +112,8 @@ class LdmLM(LM):
     def model(self):
         """Return the masked LM, loading it on first use."""
         if self._model is None:
-            from ldm.model import load_model
-
-            model = load_model("hub" if self.checkpoint.hub else "export", self.checkpoint.where,
-                               dtype=self.dtype)
-            if model.get_input_embeddings().num_embeddings < len(self.tok):
-                raise LdmError(f"pretrained={self.checkpoint.where}: the model has fewer "
-                               f"embeddings than its tokenizer has tokens; export it again")
-            self._model = model.to(self.torch_device).eval()
+            self._model = self.checkpoint.load_model(dtype=self.dtype, vocab_size=len(self.tok),
+                                                     device=self.torch_device)
         return self._model
 
     def encode(self, text: str) -> List[int]:
@@ -216,12 +210,12 @@ class LdmLM(LM):
         for length, members in sorted(by_length.items()):
             settings = sampler_settings(self.sampler_name,
                                         {**self.sampler_overrides, "temperature": 0.0,
-                                         "early_stop": False}, max_new_tokens=length)
+                                         "early_stop": False}, max_new_tokens=length,
+                                        max_positions=self.max_positions)
             for start in range(0, len(members), self.batch_size_per_call):
                 chunk = members[start:start + self.batch_size_per_call]
                 results = generate_batch(model_fn, self.tok, [pairs[i][0] for i in chunk],
                                          settings, mask_id=self.mask_id, seed=self.seed,
-                                         max_positions=self.max_positions,
                                          device=self.torch_device)
                 for i, result in zip(chunk, results):
                     out[i] = result["tokens"] == list(pairs[i][1])
@@ -262,26 +256,26 @@ class LdmLM(LM):
             stops = [stops] if isinstance(stops, str) else list(stops)
             chat = _flag(kwargs.get("ldm_chat", self.chat))
             length = _int("max_gen_toks", kwargs.get("max_gen_toks",
-                                                     self.default_settings["max_new_tokens"]))
+                                                     self.default_settings.max_new_tokens))
             overrides = dict(self.sampler_overrides)
             if "temperature" in kwargs and _flag(kwargs.get("do_sample", False)):
                 overrides["temperature"] = float(kwargs["temperature"])
-            settings = sampler_settings(self.sampler_name, overrides, max_new_tokens=length)
+            settings = sampler_settings(self.sampler_name, overrides, max_new_tokens=length,
+                                        max_positions=self.max_positions)
             prompt = self.encode_prompt(context, chat)
             self.check_length(len(prompt) + length, "a prompt plus max_gen_toks")
             jobs.append((prompt, stops, settings))
         model_fn = hf_logits_fn(self.model)
         out: List[Optional[str]] = [None] * len(jobs)
-        groups: Dict[str, List[int]] = {}
+        groups: Dict[Any, List[int]] = {}
         for i, (_, _, settings) in enumerate(jobs):
-            groups.setdefault(repr(sorted(settings.items())), []).append(i)
+            groups.setdefault(settings, []).append(i)
         for b, members in enumerate(groups.values()):
             for start in range(0, len(members), self.batch_size_per_call):
                 chunk = members[start:start + self.batch_size_per_call]
                 results = generate_batch(model_fn, self.tok, [jobs[i][0] for i in chunk],
                                          jobs[chunk[0]][2], mask_id=self.mask_id,
                                          seed=self.seed * 1_000_003 + start,
-                                         max_positions=self.max_positions,
                                          device=self.torch_device)
                 for i, result in zip(chunk, results):
                     out[i] = cut_at_stops(result["text"], jobs[i][1]).strip()

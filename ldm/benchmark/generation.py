@@ -6,6 +6,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from ldm.errors import ConfigError
+from ldm.sampling.settings import SamplerSettings
 
 SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k",
                   "top_p", "cfg_scale", "threshold", "early_stop", "rule")
@@ -19,8 +20,9 @@ def sampler_presets() -> List[str]:
 
 
 def sampler_settings(preset: str, overrides: Optional[Dict[str, Any]] = None,
-                     max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
-    """Return `generate` keyword arguments of a sampler preset with overrides, for a length.
+                     max_new_tokens: Optional[int] = None,
+                     max_positions: Optional[int] = None) -> SamplerSettings:
+    """Return the SamplerSettings of a sampler preset with overrides, for an answer length.
 
     Interpolations such as `steps: ${.max_new_tokens}` are resolved after the length is set, so
     a preset keeps its meaning at every length; a block length that does not divide the length
@@ -29,7 +31,6 @@ def sampler_settings(preset: str, overrides: Optional[Dict[str, Any]] = None,
     from omegaconf import OmegaConf
 
     from ldm.config import SamplerConfig, repo_root
-    from ldm.sampling.validation import validate_sampler_args
 
     path = repo_root() / "conf" / "sampler" / f"{preset}.yaml"
     if not path.is_file():
@@ -45,18 +46,16 @@ def sampler_settings(preset: str, overrides: Optional[Dict[str, Any]] = None,
     node = OmegaConf.merge(node, overrides or {})
     if max_new_tokens is not None:
         node.max_new_tokens = max_new_tokens
-    settings = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-                if k in SAMPLER_FIELDS}
-    length = settings["max_new_tokens"]
+    values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+              if k in SAMPLER_FIELDS}
+    length = values["max_new_tokens"]
     if max_new_tokens is not None:
-        block = settings["block_length"]
+        block = values["block_length"]
         if not block or length % block != 0:
-            settings["block_length"] = block = length
+            values["block_length"] = block = length
         blocks = length // block
-        settings["steps"] = max(blocks, min(settings["steps"], length) // blocks * blocks)
-    validate_sampler_args(prompt_length=0, **{k: v for k, v in settings.items()
-                                              if k != "early_stop"})
-    return settings
+        values["steps"] = max(blocks, min(values["steps"], length) // blocks * blocks)
+    return SamplerSettings(**values, max_positions=max_positions)
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -70,10 +69,9 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def generate_batch(model_fn, tok, prompts: List[List[int]], settings: Dict[str, Any], *,
-                   mask_id: int, seed: int, max_positions: Optional[int], device
-                   ) -> List[Dict[str, Any]]:
-    """Sample one answer per prompt; return {tokens, text, nfe} per prompt and the seconds taken."""
+def generate_batch(model_fn, tok, prompts: List[List[int]], settings: SamplerSettings, *,
+                   mask_id: int, seed: int, device) -> List[Dict[str, Any]]:
+    """Sample one answer per prompt; return {tokens, text, nfe, seconds} per prompt."""
     import torch
 
     from ldm.sampling.sampler import generate
@@ -85,13 +83,12 @@ def generate_batch(model_fn, tok, prompts: List[List[int]], settings: Dict[str, 
         calls.add_(step.committed.any(1).long())
 
     began = time.perf_counter()
-    result = generate(model_fn, prompts, mask_id=mask_id, eos_id=tok.eos_token_id,
+    result = generate(model_fn, prompts, settings, mask_id=mask_id, eos_id=tok.eos_token_id,
                       special_ids=tok.all_special_ids, pad_id=tok.pad_token_id,
-                      generator=torch.Generator().manual_seed(seed),
-                      max_positions=max_positions, device=device, record_history=False,
-                      on_step=count, **settings)
+                      generator=torch.Generator().manual_seed(seed), device=device,
+                      record_history=False, on_step=count)
     seconds = time.perf_counter() - began
-    factor = 2 if settings.get("cfg_scale", 0) > 0 else 1
+    factor = 2 if settings.cfg_scale > 0 else 1
     return [{"tokens": tokens, "nfe": int(n) * factor, "seconds": seconds / len(prompts),
              "text": tok.decode(tokens, skip_special_tokens=True).strip()}
             for tokens, n in zip(result.tokens, calls.tolist())]

@@ -1,10 +1,12 @@
 """task=benchmark: lm-eval task suites on an export through the ldm adapter.
 
     python run.py task=benchmark checkpoint=outputs/models/<run> benchmark=offline \
-        dataset=shakespeare model=minilm context=ctx256 [benchmark.max_items=100 ...]
+        [dataset=shakespeare benchmark.max_items=100 ...]
 
-Offline suites (cloze, choice, synthetic) are built from the prepared test split of `dataset`
-(found by name, as task=evaluate finds it) into <run dir>/tasks/, in lm-eval's custom-task
+The export brings its model and context (and, unless dataset= is given, the data set it was
+trained on). Offline suites (cloze, choice, synthetic) are built from the prepared test split of
+that data set (found by name, as task=evaluate finds it) into <run dir>/tasks/, in lm-eval's
+custom-task
 format; hub suites (bert_chat, llada_base) use the harness's own tasks. The harness's results go
 to <run dir>/results.json, its per-item samples to <run dir>/samples_<task>.jsonl, and every
 task's metrics (`<task>.<metric>`), with seconds per item, NFE and tokens/s, to mlflow.
@@ -33,7 +35,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
     """Check the suite, the estimator and the sampler settings; return the sampler overrides."""
     from ldm.benchmark.elbo import check_estimator_args
     from ldm.benchmark.generation import SAMPLER_FIELDS, sampler_settings
-    from ldm.benchmark.suites import TEXT_TASKS, check_task_names
+    from ldm.benchmark.suites import check_task_names
 
     b = cfg.benchmark
     tasks = check_task_names(list(b.tasks), b.hub)
@@ -55,6 +57,17 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError(f"benchmark.greedy={b.greedy!r}; accepted: auto, true, false")
     if cfg.task.device not in DEVICES:
         raise ConfigError(f"task.device={cfg.task.device!r}; accepted: {', '.join(DEVICES)}")
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
+                 if k in SAMPLER_FIELDS and k != "cfg_scale"}
+    sampler_settings(cfg.sampler.name, overrides)
+    return overrides
+
+
+def check_suite_data(cfg: DictConfig) -> None:
+    """Raise ConfigError unless the dataset suits the offline tasks (after the export's groups)."""
+    from ldm.benchmark.suites import TEXT_TASKS
+
+    b, tasks = cfg.benchmark, list(cfg.benchmark.tasks)
     if not b.hub:
         text = [t for t in tasks if t in TEXT_TASKS]
         if text and cfg.dataset.kind != "text":
@@ -64,10 +77,6 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         if "synthetic" in tasks and cfg.dataset.source != "synthetic":
             raise ConfigError(f"benchmark task synthetic needs dataset=synthetic_tasks, not "
                               f"dataset={cfg.dataset.name}")
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-                 if k in SAMPLER_FIELDS and k != "cfg_scale"}
-    sampler_settings(cfg.sampler.name, overrides)
-    return overrides
 
 
 def require_lm_eval() -> None:
@@ -143,9 +152,8 @@ def run(cfg: DictConfig) -> float:
     """Run the benchmark suite on the checkpoint; return the headline metric (higher is better)."""
     from ldm.benchmark.suites import HARNESS_NAMES
     from ldm.hub import require_hub
-    from ldm.tasks.checkpoints import resolve_checkpoint
+    from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
     from ldm.tasks.common import check_tracking, open_tracker, run_dir
-    from ldm.tokenizer import load_tokenizer
 
     overrides = validate(cfg)
     check_tracking(cfg)
@@ -154,7 +162,9 @@ def run(cfg: DictConfig) -> float:
         require_hub(f"benchmark={b.name} (harness tasks {', '.join(b.tasks)})", OFFLINE_SUITES)
     require_lm_eval()
     ckpt = resolve_checkpoint(cfg.checkpoint, "benchmark")
-    tok = load_tokenizer(ckpt.where)
+    cfg = with_export_groups(cfg, ckpt)
+    check_suite_data(cfg)
+    tok = ckpt.load_tokenizer()
     folder = run_dir(cfg)
     include = None
     if b.hub:
