@@ -106,7 +106,7 @@ def report(scores, args) -> None:
     print(f"\noffline suites on held-out Shakespeare ({args.items} items per task, mc_num "
           f"{args.mc_num}), after {args.steps} diffusion-pretraining steps (batch {args.batch}, "
           f"ctx128, lr {args.lr})")
-    print(f"{'task metric (what)':<52}{'pretrained':>16}{'random init':>16}")
+    print(f"{'task metric (what)':<52}{'pretrained':>18}{'random init':>18}")
     verdict = {}
     for task, metric, label, higher, decides in ROWS:
         vals = []
@@ -118,7 +118,7 @@ def report(scores, args) -> None:
             cells = [f"{v:,.0f} ({-math.log(v):.2f})" for v, _ in vals]
         else:
             cells = [f"{v:.3f} ± {e:.3f}" for v, e in vals]
-        print(f"{task + ' ' + metric + ' (' + label + ')':<52.52}{cells[0]:>16}{cells[1]:>16}")
+        print(f"{task + ' ' + metric + ' (' + label + ')':<52.52}{cells[0]:>18}{cells[1]:>18}")
         if decides:
             verdict[task] = vals[0][0] > vals[1][0] if higher else vals[0][0] < vals[1][0]
     print("(perplexity: mean log-likelihood in nats in brackets; ± is the harness's stderr)")
