@@ -147,7 +147,7 @@ def cloze_items(documents: List[str], count: int, context_words: int,
 
 def choice_items(documents: List[str], count: int, context_words: int, continuation_words: int,
                  choices: int, seed: int, fits: Callable[[str, str], bool]) -> List[Dict]:
-    """Return up to `count` {context, choices, label} items; wrong options from other passages."""
+    """Return up to `count` {context, choices, label} items; wrong options from nearby passages."""
     passages = []
     size = context_words + continuation_words
     for doc in documents:
@@ -162,10 +162,13 @@ def choice_items(documents: List[str], count: int, context_words: int, continuat
                         f"needs at least {choices}: prepare more held-out text")
     items = []
     for i, (context, gold) in enumerate(passages):
+        # wrong options from the nearest other passages (in document order: mostly the same
+        # work), so that style and token lengths do not give the real continuation away
         wrong = []
-        for j in range(1, n):
-            other = passages[(i + j * max(1, n // choices)) % n][1]
-            if other != gold and other not in wrong:
+        for j in range(2, 2 * n + 2):
+            offset = (j // 2) * (1 if j % 2 == 0 else -1)
+            other = passages[(i + offset) % n][1]
+            if offset != 0 and other != gold and other not in wrong:
                 wrong.append(other)
             if len(wrong) == choices - 1:
                 break
