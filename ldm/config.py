@@ -95,6 +95,25 @@ class SampleTaskConfig(TaskConfig):
 
 
 @dataclass
+class ServeTaskConfig(TaskConfig):
+    """The web demo of one export (see ServeConfig for where it listens)."""
+
+    name: str = "serve"
+    device: str = "auto"  # auto | cpu | cuda
+    system: Optional[str] = None  # system message put before every conversation
+
+
+@dataclass
+class ServeConfig:
+    """Where task=serve listens and how many model runs it does at once."""
+
+    host: str = "127.0.0.1"  # loopback only; 0.0.0.0 exposes the page to the whole network
+    port: int = 7860
+    concurrency: int = 1  # model runs at once; the rest wait in the queue
+    max_queue: int = 32  # requests waiting beyond this are refused with a message
+
+
+@dataclass
 class ChainTaskConfig(TaskConfig):
     """Runs other tasks one after another, each a normal `run.py` run with its own overrides."""
 
@@ -272,6 +291,7 @@ class LdmConfig:
     hardware: HardwareConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # task=serve: host, port, queue
     seed: int = 0
     run_name: str = MISSING
     experiment_name: Optional[str] = None
@@ -291,7 +311,7 @@ class LdmConfig:
 TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
                 "sample": SampleTaskConfig, "chain": ChainTaskConfig,
                 "evaluate": EvaluateTaskConfig, "compare": CompareTaskConfig,
-                "benchmark": BenchmarkTaskConfig}
+                "serve": ServeTaskConfig, "benchmark": BenchmarkTaskConfig}
 
 GROUP_SCHEMAS = {
     "model": ModelConfig,

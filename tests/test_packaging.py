@@ -18,8 +18,8 @@ def _normalise(req: str) -> tuple[str, str]:
 def test_pyproject_and_environment_yml_pin_the_same_versions():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pyproject = dict(_normalise(r) for r in project["dependencies"])
-    pyproject.update(_normalise(r) for r in project["optional-dependencies"]["dev"])
-    pyproject.update(_normalise(r) for r in project["optional-dependencies"]["bench"])
+    for extra in ("dev", "serve", "bench"):  # what `make test` installs besides the core
+        pyproject.update(_normalise(r) for r in project["optional-dependencies"][extra])
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     environment = dict(_normalise(r) for r in pip_section)
@@ -36,3 +36,10 @@ def test_ci_runs_the_readme_test_command():
 def test_make_pins_torch_exactly_so_pip_never_resolves_a_newer_build():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"TORCH_SPEC \?= torch==\d+\.\d+\.\d+", makefile)
+
+
+def test_make_test_installs_the_serve_extra_and_chromium_for_the_browser_test():
+    makefile = (REPO / "Makefile").read_text()
+    assert '".[dev,slurm,serve]"' in makefile
+    assert re.search(r"^test: .*\bbrowser\b", makefile, re.M)
+    assert "apt-get install -y -q chromium" in makefile

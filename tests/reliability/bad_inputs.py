@@ -12,6 +12,7 @@ Placeholders in args, filled in by the test:
   {files}   a folder of bad files (see test_bad_inputs.BAD_FILES)
   {bad}     a folder of damaged exports and checkpoints (see test_bad_inputs.damaged)
   {ckpt}    a complete checkpoint of the tiny pretraining run (step 2)
+  {busy_port} a loopback port another socket listens on
 
 To add a case: append a row. `kind="ldm"` rows must fail with exactly one `error:` line (our own
 errors); `kind="hydra"` rows fail in Hydra's config composition, which prints its own message.
@@ -34,6 +35,7 @@ SAMPLE = ["task=sample", "checkpoint={chat}", "sampler.max_new_tokens=8", "sampl
           "sampler.block_length=8", "tracking=off"]
 BENCH = ["task=benchmark", *TINY, "dataset=local_text", "{corpus}", "paths.data={data}",
          "checkpoint={export}", "tracking=off"]
+SERVE = ["task=serve", "checkpoint={chat}", "tracking=off"]
 LONG_PROMPT = "prompt='" + " ".join(["the king spoke to the queen"] * 40) + "'"
 
 
@@ -146,4 +148,19 @@ CASES = [
     case("benchmark_mc_num_zero", [*BENCH, "benchmark.mc_num=0"], "benchmark.mc_num=0", ">= 1"),
     case("benchmark_passage_beyond_positions", [*BENCH, "benchmark.context_words=150"],
          "benchmark.context_words=150", "128 positions"),
+    # --- task=serve: every bad input fails before the server starts -----------------------------
+    case("serve_checkpoint_missing", [*SERVE, "checkpoint={bad}/absent"], "absent",
+         "outputs/models"),
+    case("serve_folder_not_an_export", [*SERVE, "checkpoint={files}"], "is not an export",
+         "config.json"),
+    case("serve_export_without_chat_template", [*SERVE, "checkpoint={export}"],
+         "no chat template", "SFT export"),
+    case("serve_port_in_use", [*SERVE, "serve.port={busy_port}"], "serve.port=",
+         "in use"),
+    case("serve_unknown_sampler_preset", [*SERVE, "sampler=turbo"], "sampler/turbo", "llada",
+         kind="hydra"),
+    case("serve_bad_sampler_setting", [*SERVE, "sampler.block_length=7"], "block_length=7",
+         "divide"),
+    case("serve_zero_concurrency", [*SERVE, "serve.concurrency=0"], "serve.concurrency=0",
+         ">= 1"),
 ]

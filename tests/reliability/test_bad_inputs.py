@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,7 +106,10 @@ def results(world, chat_export, launcher, tmp_path_factory):
         outputs = root / "cases" / c.id
         return c.id, (launcher.run(args, outputs, timeout=240), outputs)
 
-    with ThreadPoolExecutor(PARALLEL) as pool:
+    with socket.socket() as busy, ThreadPoolExecutor(PARALLEL) as pool:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        places["busy_port"] = str(busy.getsockname()[1])
         done = dict(pool.map(one, CASES))
     done["__shared_data_unchanged__"] = snapshot(world.outputs / "data") == before
     done["__code_ran__"] = (Path(places["bad"]) / "CODE_RAN").exists()

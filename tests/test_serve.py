@@ -1,0 +1,302 @@
+"""task=serve: the page's API through gradio_client against a live server on a loopback port."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("gradio")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from conftest import CONF  # noqa: E402
+from test_sample_task import make_export  # noqa: E402
+
+SMALL = dict(max_new_tokens=16, steps=16, block_length=8)
+STATE = re.compile(r'data-state="(\w+)" data-committed="(\d+)" data-masked="(\d+)"')
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Live:
+    """A served page: its url, the engine behind it, and a knob that slows each model call."""
+
+    def __init__(self, export, title: str = "tiny"):
+        from ldm.model import load_model
+        from ldm.sampling import hf_logits_fn
+        from ldm.serve.app import build_app, launch
+        from ldm.serve.engine import Engine
+        from ldm.serve.settings import load_presets
+        from ldm.tokenizer import load_tokenizer
+
+        self.tok = load_tokenizer(str(export))
+        model = load_model("export", str(export), dtype="float32", attn_implementation="sdpa",
+                           trust_remote_code=False).eval()
+        self.base_fn, self.delay, self.prompts = hf_logits_fn(model), 0.0, []
+
+        def model_fn(ids, mask):
+            if self.delay:
+                time.sleep(self.delay)
+            return self.base_fn(ids, mask)
+
+        self.engine = Engine(model_fn, self.tok, mask_id=self.tok.mask_token_id,
+                             max_positions=model.config.max_position_embeddings)
+        answer = self.engine.answer
+
+        def recording(messages, runs, session=None):
+            self.prompts.append([dict(m) for m in messages])
+            return answer(messages, runs, session)
+
+        self.engine.answer = recording
+        self.demo = build_app(self.engine, load_presets(CONF / "sampler"), "llada", title=title)
+        _, self.url = launch(self.demo, "127.0.0.1", free_port())
+
+    def client(self) -> Client:
+        return Client(self.url, verbose=False, download_files=False)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    server = Live(make_export(tmp_path_factory.mktemp("serve") / "chat", chat=True))
+    yield server
+    server.demo.close()
+
+
+def states(outputs, column):
+    """Return (state, committed, masked) of the canvas in each streamed output."""
+    return [tuple(int(x) if x.isdigit() else x for x in STATE.search(o[column]).groups())
+            for o in outputs]
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_chat_streams_growing_canvases_then_the_library_samplers_answer(live):
+    from ldm.sampling.render import clean_answer
+    from ldm.sampling.sampler import generate
+    from ldm.sampling.settings import SamplerSettings
+    from ldm.tokenizer import encode_chat
+
+    client = live.client()
+    job = client.submit(message="the king spoke", **SMALL, api_name="/chat")
+    final = job.result(timeout=120)
+    seen = states(job.outputs(), 1)
+    running = [s for s in seen if s[0] == "running"]
+    assert len(running) >= 2 and seen[-1][0] == "done"
+    assert seen.index(running[-1]) < len(seen) - 1  # every running state came before the end
+    committed = [c for _, c, _ in running]  # the done canvas ends at EOS, so it is left out
+    assert committed == sorted(committed) and committed[0] < committed[-1]
+    assert all(c + m == 16 for state, c, m in running)
+    # The page's answer is the library sampler's answer for the same prompt and settings.
+    ids = encode_chat(live.tok, [{"role": "user", "content": "the king spoke"}],
+                      add_generation_prompt=True)[0]
+    engine = live.engine
+    settings = SamplerSettings(**SMALL, max_positions=128)
+    direct = generate(live.base_fn, [ids], settings, mask_id=engine.mask_id,
+                      eos_id=engine.eos_id, special_ids=engine.special_ids, pad_id=engine.pad_id)
+    expected = clean_answer(live.tok, direct.tokens[0], engine.mask_id, engine.eos_id)
+    conversation = final[0]
+    assert [m["role"] for m in conversation] == ["user", "assistant"]
+    shown = conversation[1]["content"][0]["text"]
+    assert shown.startswith(expected or "(empty answer)")
+    assert re.search(rf"{direct.nfe} model calls · [\d.]+ s · [\d.]+ tokens/s", shown)
+
+
+def test_second_turn_sends_the_first_exchange_to_the_model(live):
+    client = live.client()
+    first = client.predict(message="hello there", **SMALL, api_name="/chat")
+    client.predict(message="and then?", conversation=first[0], **SMALL, api_name="/chat")
+    messages = live.prompts[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"] == "hello there" and messages[2]["content"] == "and then?"
+    client.predict(api_name="/clear")
+    client.predict(message="fresh start", **SMALL, api_name="/chat")
+    assert [m["role"] for m in live.prompts[-1]] == ["user"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(message="hi", max_new_tokens=16, steps=16, block_length=7), "block_length=7"),
+    (dict(message="hi", max_new_tokens=16, steps=32, block_length=8), "steps=32"),
+    (dict(message="hi", max_new_tokens=16, steps=16, block_length=8, top_p=0.0), "top_p=0.0"),
+    (dict(message="   "), "write a message first"),
+    (dict(message="the king spoke " * 60), "exceeds the model's 128 positions"),
+    (dict(message="bell \x07 rings", **SMALL), "control character"),
+])
+def test_bad_settings_and_prompts_get_a_message_and_the_server_keeps_serving(
+        live, settings, message):
+    client = live.client()
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(**settings, api_name="/chat")
+    answer = client.predict(message="still there?", **SMALL, api_name="/chat")
+    assert answer[0][-1]["role"] == "assistant"
+
+
+def test_two_concurrent_clients_both_get_answers_one_run_at_a_time(live):
+    live.delay = 0.02
+    try:
+        jobs = [c.submit(message=f"question {i}", **SMALL, api_name="/chat")
+                for i, c in enumerate([live.client(), live.client()])]
+        results = [job.result(timeout=120) for job in jobs]
+    finally:
+        live.delay = 0.0
+    for i, result in enumerate(results):
+        assert result[0][0]["content"][0]["text"] == f"question {i}"
+        assert "model calls" in result[0][1]["content"][0]["text"]
+    assert live.engine.running() == 0
+
+
+def test_stop_button_ends_the_run_and_keeps_the_partial_canvas(live):
+    live.delay = 0.05
+    client = live.client()
+    try:
+        job = client.submit(message="a long one", max_new_tokens=64, steps=64, block_length=32,
+                            api_name="/chat")
+        wait_for(lambda: len(job.outputs()) >= 3)
+        stopped_before = live.engine.stats["stopped"]
+        client.predict(api_name="/stop")
+        job.result(timeout=60)
+    finally:
+        live.delay = 0.0
+    last = states(job.outputs(), 1)[-1]
+    assert last[0] == "stopped" and last[1] < 64
+    assert live.engine.stats["stopped"] == stopped_before + 1
+
+
+def test_a_cancelled_request_stops_its_run(live):
+    live.delay = 0.05
+    try:
+        job = live.client().submit(message="never mind", max_new_tokens=64, steps=64,
+                                   block_length=32, api_name="/chat")
+        wait_for(lambda: live.engine.running() == 1)
+        steps = live.engine.stats["steps"]
+        job.cancel()
+        wait_for(lambda: live.engine.running() == 0, timeout=40)
+    finally:
+        live.delay = 0.0
+    assert live.engine.stats["steps"] - steps < 40  # far fewer than the 64 it was asked for
+
+
+def test_side_by_side_streams_both_canvases_with_their_model_calls(live):
+    client = live.client()
+    job = client.submit(prompt="the king", left="llada", right="fast", max_new_tokens=16,
+                        api_name="/side_by_side")
+    left_html, left_stats, right_html, right_stats = job.result(timeout=120)
+    assert left_stats.startswith("**llada**") and right_stats.startswith("**fast**")
+    calls = [int(re.search(r"(\d+) model calls", s).group(1)) for s in (left_stats, right_stats)]
+    assert calls[0] == 16 and 1 <= calls[1] <= 16
+    assert 'data-state="done"' in left_html and 'data-state="done"' in right_html
+    assert len(job.outputs()) > 4  # both canvases were redrawn while they were sampled
+
+
+def test_infill_fills_every_span_and_keeps_the_rest(live):
+    from ldm.sampling.prompts import encode_infill, parse_infill
+
+    client = live.client()
+    text = "The king [MASK:4] the queen [MASK:2]."
+    job = client.submit(text=text, **SMALL, api_name="/infill")
+    html, filled, stats = job.result(timeout=120)
+    seen = states(job.outputs(), 0)
+    assert seen[-1] == ("done", 6, 0) and any(s[0] == "running" for s in seen)
+    ids, ranges = encode_infill(live.tok, parse_infill(text), live.tok.mask_token_id)
+    assert filled.startswith("The king") and filled.endswith(".")
+    assert "model calls" in stats
+    with pytest.raises(AppError, match=re.escape("[MASK:N]")):
+        client.predict(text="no span here", **SMALL, api_name="/infill")
+
+
+def test_preset_fills_the_settings_from_conf_sampler(live):
+    values = live.client().predict("fast", api_name="/preset")
+    assert list(values) == [64, 64, 32, 0.9, 0.0, 1.0, 0.0, "low_confidence"]
+
+
+def test_every_preset_file_becomes_a_choice(tmp_path):
+    import shutil
+
+    from ldm.serve.settings import load_presets, page_sampler, preset_values
+
+    for path in (CONF / "sampler").glob("*.yaml"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "tiny.yaml").write_text("defaults:\n  - schema\n  - _self_\nname: tiny\n"
+                                        "max_new_tokens: 8\nsteps: ${.max_new_tokens}\n"
+                                        "block_length: 8\n")
+    presets = load_presets(tmp_path)
+    assert {"llada", "fast", "original", "tiny"} <= set(presets)
+    assert preset_values(presets, "tiny")["steps"] == 8
+    assert preset_values(presets, "llada", max_new_tokens=16)["steps"] == 16  # follows
+    assert page_sampler(presets, "fast", {"threshold": 0.0}).threshold is None
+    assert page_sampler(presets, "fast").threshold == 0.9
+
+
+@pytest.mark.slow
+def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    export = make_export(tmp_path / "chat", chat=True)
+    port = free_port()
+    env = {**os.environ, "LDM_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), "task=serve", f"checkpoint={export}",
+         f"serve.port={port}", "sampler=fast", "sampler.max_new_tokens=16", "sampler.block_length=16",
+         "tracking=off"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if f"http://127.0.0.1:{port}" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        assert client.predict("fast", api_name="/preset")[:3] == (16, 16, 16)  # command line's
+        answer = client.predict(message="hello", max_new_tokens=16, steps=16, block_length=16,
+                                api_name="/chat")
+        assert "model calls" in answer[0][-1]["content"][0]["text"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def test_canvas_colours_each_token_by_its_commit_step_and_outlines_the_latest(live):
+    import torch
+
+    from ldm.sampling.render import TokenPieces
+    from ldm.sampling.sampler import SamplerStep
+    from ldm.serve.canvas import CommitTracker, canvas_html
+    from ldm.sampling.prompts import encode_text
+
+    mask = live.tok.mask_token_id
+    a, c = encode_text(live.tok, " king river")[:2]
+    tracker = CommitTracker()
+    first = torch.tensor([[a, mask, mask]])
+    tracker.update(SamplerStep(0, 0, first, torch.tensor([[True, False, False]]), 1))
+    second = torch.tensor([[a, mask, c]])
+    born = tracker.update(SamplerStep(1, 0, second, torch.tensor([[False, False, True]]), 2))
+    html = canvas_html(TokenPieces(live.tok), second[0].tolist(), mask_id=mask,
+                       born=born[0].tolist(), new=[False, False, True], total_steps=3)
+    assert 'data-committed="2" data-masked="1"' in html
+    eos = live.tok.eos_token_id
+    padded = canvas_html(TokenPieces(live.tok), [a, eos, mask], mask_id=mask, eos_id=eos)
+    assert 'data-committed="2"' in padded and "∎" in padded  # committed EOS padding shows
+    done = canvas_html(TokenPieces(live.tok), [a, eos, mask], mask_id=mask, eos_id=eos,
+                       end_id=eos, state="done")
+    assert 'data-committed="1" data-masked="0"' in done  # a finished answer ends at its EOS
+    assert html.count('title="step 1"') == 1 and html.count('title="step 2"') == 1
+    assert html.count("ldm-new") == 1 and html.index("ldm-new") > html.index('title="step 1"')
+    assert html.count('class="ldm-mask"') == 1
