@@ -40,6 +40,12 @@ def test_make_pins_torch_exactly_so_pip_never_resolves_a_newer_build():
 
 def test_make_test_installs_the_serve_extra_and_chromium_for_the_browser_test():
     makefile = (REPO / "Makefile").read_text()
-    assert '".[dev,slurm,serve]"' in makefile
+    assert re.search(r'-e "\.\[[a-z,]*\bserve\b[a-z,]*\]"', makefile)
     assert re.search(r"^test: .*\bbrowser\b", makefile, re.M)
     assert "apt-get install -y -q chromium" in makefile
+
+
+def test_make_installs_the_bench_extra_and_registers_the_lm_eval_model():
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r'-e "\.\[[a-z,]*\bbench\b[a-z,]*\]"', makefile)
+    assert "python -m ldm.benchmark.plugin" in makefile
