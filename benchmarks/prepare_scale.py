@@ -82,7 +82,7 @@ def run_prepare(corpus: Path, outputs: Path, workers: int) -> dict:
     thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{err[-3000:]}")
-    final = outputs / "data" / "local_text" / "minilm-wordpiece" / "ctx512"
+    final = next((outputs / "data").glob("local_text*/minilm-wordpiece/ctx512"))
     manifest = json.loads((final / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     shards = len(list((final / "train").glob("shard-*.arrow")))

@@ -236,6 +236,7 @@ def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
     from tqdm.auto import tqdm
 
     from ldm.data import synthetic
+    from ldm.sampling.decode import never_emitted_ids
     from ldm.sampling.sampler import generate, hf_logits_fn
 
     logits_fn = hf_logits_fn(model)
@@ -252,7 +253,8 @@ def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
 
         began = time.perf_counter()
         result = generate(logits_fn, [j["prompt_ids"] for j in batch], settings, mask_id=mask_id,
-                          eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
+                          eos_id=tok.eos_token_id,
+                          special_ids=never_emitted_ids(tok, model.config.vocab_size),
                           pad_id=tok.pad_token_id,
                           generator=torch.Generator().manual_seed(seed * 1_000_003 + b),
                           device=device, record_history=False, on_step=count)

@@ -14,7 +14,8 @@ forward and the backward pass of step N), `save:N` (checkpoint N written to its 
 not yet renamed into place), `resume` (while a checkpoint is being loaded), `export` (inside the
 export's temporary folder, weights written), `prepare.tokenize:N` (after the tokenizer batch
 that brings the documents read to N), `prepare.write` (prepared data complete in its temporary
-folder, not yet renamed into place).
+folder, not yet renamed into place), `chat.answer:N` (each sampler step of the REPL's N-th
+answer).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if pause and name in pause.split(","):
         _pause(name)
+
+
+def fault_injection() -> bool:
+    """True when the environment names a kill or pause point (so callers may add step hooks)."""
+    return "LDM_KILL_AT" in os.environ or "LDM_PAUSE_AT" in os.environ
 
 
 def pause_file(folder: str | Path, name: str) -> Path:

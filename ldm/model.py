@@ -9,6 +9,8 @@ the largest activation of the whole model for a 50k vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import importlib.util
 import logging
@@ -196,6 +198,20 @@ def set_dropout(config, p: Optional[float]) -> None:
             setattr(config, key, float(p))
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load report and tied-weights warning while loading: ldm checks the
+    missing and unexpected keys itself (check_loading_info) and names what it accepts."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin: str):
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -210,7 +226,9 @@ def _from_pretrained(where: str, kwargs: Dict[str, Any], missing_keys_ok, origin
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        with quiet_transformers():
+            model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True,
+                                                               **kwargs)
     except SafetensorError as err:
         raise LdmError(f"{origin}: model.safetensors cannot be read ({err}); the file is damaged "
                        "or incomplete: export or download it again") from err
@@ -320,7 +338,8 @@ def load_model(
         )
     if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
         # resize_token_embeddings re-ties a tied decoder (weight and bias) to the new matrix.
-        model.resize_token_embeddings(vocab_size)
+        with quiet_transformers():  # its note on how new rows are initialised is not news
+            model.resize_token_embeddings(vocab_size)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with torch.compile.
         # transformers 5.x renamed gradient_* to activation_checkpointing_* (old names warn).

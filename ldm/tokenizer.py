@@ -144,18 +144,41 @@ CHAT_TOKENS = (*CHAT_HEADERS.values(), CHAT_END)
 ANSWER_TURNS = ("all", "last")
 
 
-def chat_template(eos_token: str) -> str:
-    """Return the Jinja chat template of the layout above, with `eos_token` ending answers."""
+# Text that spells a special token must stay text in the template too. The rendered string is
+# tokenized with special-token matching on, so the template breaks every such spelling in message
+# text with an invisible separator (U+2063) after its first character; the tokenizer's
+# normalizer removes that character again (BERT's cleans it as a format character; others get a
+# Replace step), so the text encodes exactly as encode_chat encodes it. Special tokens are matched
+# before normalisation (they are not `normalized`), so the broken spelling never matches.
+TEMPLATE_ESCAPE = "\u2063"
+
+
+def _escaped_content(specials: Sequence[str]) -> str:
+    """Return the Jinja expression of message['content'] with every special spelling broken."""
+    expr = "message['content']"
+    for token in sorted(set(specials), key=len, reverse=True):
+        if len(token) > 1:
+            broken = token[0] + TEMPLATE_ESCAPE + token[1:]
+            expr = f"({expr})|replace({json.dumps(token)}, {json.dumps(broken)})"
+    return expr
+
+
+def chat_template(eos_token: str, specials: Sequence[str] = ()) -> str:
+    """Return the Jinja chat template of the layout above, with `eos_token` ending answers.
+
+    `specials` are the special tokens' spellings that message text must not produce.
+    """
     eos = json.dumps(eos_token)
+    content = _escaped_content(specials)
     return (
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'assistant' -%}"
         "{{- '<|assistant|>' -}}"
-        "{%- generation -%}{{- message['content'] + " + eos + " -}}{%- endgeneration -%}"
+        "{%- generation -%}{{- " + content + " + " + eos + " -}}{%- endgeneration -%}"
         "{%- elif message['role'] == 'user' -%}"
-        "{{- '<|user|>' + message['content'] + '<|end|>' -}}"
+        "{{- '<|user|>' + " + content + " + '<|end|>' -}}"
         "{%- elif message['role'] == 'system' -%}"
-        "{{- '<|system|>' + message['content'] + '<|end|>' -}}"
+        "{{- '<|system|>' + " + content + " + '<|end|>' -}}"
         "{%- else -%}"
         "{{- raise_exception('chat role ' + message['role'] + ' is not known; accepted: "
         "system, user, assistant') -}}"
@@ -179,8 +202,36 @@ def add_chat_template(tok):
            for t in CHAT_TOKENS if t not in have or t not in tok.all_special_tokens]
     if new:
         tok.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
-    tok.chat_template = chat_template(tok.eos_token)
+    specials = [t.content for t in tok.added_tokens_decoder.values() if t.special]
+    _remove_escape_in_normalizer(tok)
+    tok.chat_template = chat_template(tok.eos_token, specials)
     return tok
+
+
+def _remove_escape_in_normalizer(tok) -> None:
+    """Make the normalizer drop TEMPLATE_ESCAPE (a no-op where it already does, as BERT's does)."""
+    if tok(f"a{TEMPLATE_ESCAPE}b", add_special_tokens=False)["input_ids"] == \
+            tok("ab", add_special_tokens=False)["input_ids"]:
+        return
+    from tokenizers import normalizers
+
+    backend = tok.backend_tokenizer
+    drop = normalizers.Replace(TEMPLATE_ESCAPE, "")
+    current = backend.normalizer
+    backend.normalizer = drop if current is None else normalizers.Sequence([drop, current])
+
+
+def chat_template_is_injection_safe(tok, probes: Sequence[str] = ()) -> bool:
+    """Return True when `tok.apply_chat_template` gives encode_chat's ids for text spelling
+    every special token (so the saved template can be used in place of encode_chat)."""
+    specials = [t.content for t in tok.added_tokens_decoder.values() if t.special]
+    text = " ".join([*specials, *probes, "x" + "".join(specials) + "y"])
+    messages = [{"role": "system", "content": text}, {"role": "user", "content": text},
+                {"role": "assistant", "content": text}]
+    try:
+        return tok.apply_chat_template(messages)["input_ids"] == encode_chat(tok, messages)[0]
+    except Exception:  # noqa: BLE001 - a template that cannot render is not safe either
+        return False
 
 
 def chat_token_ids(tok) -> Dict[str, int]:
@@ -242,3 +293,18 @@ def encode_chat(tok, messages: Sequence[dict], add_generation_prompt: bool = Fal
         ids.append(marks["assistant"])
         mask.append(0)
     return ids, mask
+
+
+def chat_encoding_note(tok) -> Optional[Dict[str, object]]:
+    """Return what an export records about encoding chats: whether its saved template is safe to
+    use (text spelling a special token stays text) and which encoder to use; None without chat
+    tokens."""
+    try:
+        chat_token_ids(tok)
+    except ConfigError:
+        return None
+    safe = chat_template_is_injection_safe(tok)
+    return {"template_injection_safe": safe,
+            "encoder": "tokenizer.apply_chat_template" if safe else
+            "ldm.tokenizer.encode_chat (this tokenizer's template cannot keep text that spells a "
+            "special token as text)"}

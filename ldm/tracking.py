@@ -264,6 +264,20 @@ class Tracker:
             self._send("artifact", lambda: self._client.log_artifact(self.run_id, str(path),
                                                                      artifact_path))
 
+    def log_dataset(self, *, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                    context: str) -> None:
+        """Record a data set as an input of the run (the run page's Datasets panel)."""
+        if not self.enabled:
+            return
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=source,
+                          profile=json.dumps(profile, sort_keys=True, default=str))
+        item = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        self._send("dataset", lambda: self._client.log_inputs(self.run_id, datasets=[item]))
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save a string as an artifact file."""
         self._send("text", lambda: self._client.log_text(self.run_id, text, artifact_file))

@@ -77,3 +77,12 @@ def prepare_tiny_text(root: Path, tiny_overrides) -> tuple:
                     "tracking=off"], outputs)
     assert proc.returncode == 0, proc.stderr
     return outputs, paths
+
+
+def local_text_dir(outputs: Path, paths_override: str, tokenizer: str, context: str) -> Path:
+    """Return where dataset=local_text prepared from `dataset.paths=[...]` lives (keyed by paths)."""
+    from ldm.data import identity, sources
+
+    patterns = paths_override.split("=", 1)[1].strip("[]").split(",")
+    key = identity.source_key(sources.describe_text_source("local", paths=patterns))
+    return outputs / "data" / f"local_text-{key}" / tokenizer / context

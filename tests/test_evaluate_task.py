@@ -8,7 +8,7 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_config, run_cli, write_corpus
+from conftest import compose_config, local_text_dir, run_cli, write_corpus
 from ldm.errors import ConfigError, DataError
 from ldm.evaluate import answer_metrics, token_f1
 from ldm.tracking import find_runs, local_store_uri
@@ -269,8 +269,8 @@ def test_data_prepared_with_another_tokenizer_is_refused(exports, monkeypatch, t
     prepare(outputs, *text, "model=minilm", "context=ctx64")
     # minilm's data sits where this export's data is looked for, as if prepared by mistake
     elsewhere = tmp_path / "outputs"
-    shutil.copytree(outputs / "data" / "local_text" / "minilm-wordpiece" / "ctx64",
-                    elsewhere / "data" / "local_text" / "bpe320" / "ctx64")
+    shutil.copytree(local_text_dir(outputs, text[1], "minilm-wordpiece", "ctx64"),
+                    local_text_dir(elsewhere, text[1], "bpe320", "ctx64"))
     _no_model_loads(monkeypatch)
     with pytest.raises(DataError, match="does not share") as err:
         run(_config(elsewhere, *TINY, *text, f"checkpoint={chat}"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_corpus
+from conftest import local_text_dir, run_cli, write_corpus
 from ldm.data.sources import shakespeare_files
 from ldm.tracking import find_runs, local_store_uri
 
@@ -25,7 +25,7 @@ def test_prepare_writes_data_by_name_then_reuses_it_by_fingerprint(tmp_path):
     base = [*BASE, "tracking=off"]
     first = run_cli([*base, _paths(corpus), "dataset.test_split_pct=0.2"], outputs)
     assert first.returncode == 0, first.stderr
-    final = outputs / "data" / "local_text" / "minilm-wordpiece" / "ctx128"
+    final = local_text_dir(outputs, _paths(corpus), "minilm-wordpiece", "ctx128")
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["context_length"] == 128 and manifest["dtype"] == "uint16"
     assert manifest["splits"]["train"]["padding_fraction"] == 0.0

@@ -101,8 +101,14 @@ def _error(proc) -> str:
 
 
 def test_missing_prepared_data_names_the_prepare_command(tmp_path):
+    text = tmp_path / "x.txt"
+    text.write_text("never prepared\n")
+    line = _error(run_cli([*TRAIN, f"dataset.paths=[{text}]", "tracking=off"], tmp_path))
+    assert "no prepared data" in line
+    assert (f"task=prepare dataset=local_text model=modernbert_tiny context=ctx64 "
+            f"'dataset.paths=[{text}]'") in line
     line = _error(run_cli([*TRAIN, "dataset.paths=[/x.txt]", "tracking=off"], tmp_path))
-    assert "task=prepare dataset=local_text model=modernbert_tiny context=ctx64" in line
+    assert "dataset.paths file '/x.txt' does not exist" in line
 
 
 def test_batch_numbers_that_disagree_are_refused_before_training(prepared):

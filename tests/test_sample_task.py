@@ -66,11 +66,13 @@ def tok(exports):
 def sample(tmp_path, checkpoint, *overrides):
     """Run task=sample in-process (tracking off); return (metric, records of samples.jsonl)."""
     from ldm.tasks import sample as task
+    from ldm.tasks.naming import name_sample_run
 
     cfg = compose_config(["task=sample", f"checkpoint={checkpoint}", "tracking=off",
-                          "run_name=t", *SMALL, *overrides], outputs=tmp_path / "outputs")
+                          *SMALL, *overrides], outputs=tmp_path / "outputs")
+    name_sample_run(cfg)  # what task=sample does to an unnamed run: a folder of its own
     metric = task.run(cfg)
-    path = tmp_path / "outputs" / "runs" / "sample" / "t" / "samples.jsonl"
+    path = tmp_path / "outputs" / "runs" / "sample" / cfg.run_name / "samples.jsonl"
     return metric, [json.loads(line) for line in path.read_text().splitlines()]
 
 

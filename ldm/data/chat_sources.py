@@ -299,3 +299,24 @@ def validate_chat_source(source: str, hub: Sequence[dict], paths: Sequence[str])
     else:
         raise ConfigError(f"dataset.source={source!r} is not a chat source; accepted: "
                           f"{', '.join(CHAT_SOURCES)}")
+
+
+def describe_chat_source(source: str, *, hub: Sequence[dict] = (),
+                         paths: Sequence[str] = ()) -> dict:
+    """Return what a chat source names, as open_chat_source describes it, without reading it."""
+    from ldm.data.sources import expand_local_paths
+
+    if source == "construction_faq":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version(FAQ_PACKAGE)
+        except PackageNotFoundError:
+            installed = "not installed"
+        return {"source": source, "package": f"{FAQ_PACKAGE}=={installed}", "file": FAQ_FILE}
+    if source == "local":
+        return {"source": source, "files": describe_files(expand_local_paths(paths))}
+    if source == "hub":
+        return {"source": source, "hub": list(hub)}
+    raise ConfigError(f"dataset.source={source!r} is not a chat source; accepted: "
+                      f"{', '.join(CHAT_SOURCES)}")

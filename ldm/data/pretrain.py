@@ -257,9 +257,13 @@ def build_pretraining_data(
         writers = {s: ShardWriter(tmp / s, context_length, dtype) for s in SPLITS}
         pairs = _split_documents(documents(), split_seed, test_split_pct, max_documents)
         bar = tqdm(desc="tokenize + pack", unit="doc", disable=not progress)
+        unk_id = tokenizer.unk_token_id
+        unknown = dict.fromkeys(SPLITS, 0)
         for splits, arrays in _encoded_batches(_batched(pairs, batch_size), str(tok_dir),
                                                num_workers):
             for split, ids in zip(splits, arrays):
+                if unk_id is not None:
+                    unknown[split] += int(np.count_nonzero(ids == unk_id))
                 writers[split].write(packers[split].add(ids))
             bar.update(len(arrays))
             kill_point(f"prepare.tokenize:{sum(p.documents for p in packers.values())}")
@@ -268,7 +272,7 @@ def build_pretraining_data(
         for split in SPLITS:
             writers[split].write(packers[split].finish())
             writers[split].close()
-        stats = {s: packers[s].stats() for s in SPLITS}
+        stats = {s: {**packers[s].stats(), "unknown_tokens": unknown[s]} for s in SPLITS}
         total_docs = stats["train"]["documents"] + stats["test"]["documents"]
         if total_docs == 0:
             raise DataError("the corpus is empty: the source produced no documents")
@@ -277,8 +281,9 @@ def build_pretraining_data(
                 raise DataError(
                     f"the {split} split has no complete row of {context_length} tokens "
                     f"({stats[split]['documents']} documents, {stats[split]['tokens']} tokens); "
-                    "use a larger corpus, a shorter context, task.last_row=pad, or change "
-                    "dataset.test_split_pct"
+                    "use a larger corpus, a shorter context, task.last_row=pad, "
+                    "dataset.txt_unit=paragraph (more, smaller documents), or change "
+                    "dataset.test_split_pct or dataset.split_seed (which documents are held out)"
                 )
             size = folder_bytes(tmp / split)
             stats[split]["bytes"] = size
@@ -290,6 +295,8 @@ def build_pretraining_data(
             "test_split_pct": test_split_pct, "split_seed": split_seed, "dtype": dtype,
             "vocab_size": len(tokenizer), "eos_id": eos_id, "mask_id": tokenizer.mask_token_id,
             "splits": stats, "seconds": round(elapsed, 3),
+            "unk_token": tokenizer.unk_token, "unknown_tokens": sum(unknown.values()),
+            "unknown_of_tokens": stats["train"]["tokens"] + stats["test"]["tokens"],
             "tokens_per_second": (stats["train"]["tokens"] + stats["test"]["tokens"]) / elapsed,
         }
         write_manifest(tmp, manifest)

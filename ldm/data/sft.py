@@ -201,7 +201,8 @@ def _batched(pairs: Iterator[Tuple[str, List[dict]]], size: int):
 
 def _new_stats() -> Dict[str, Any]:
     keys = ("examples", "kept", "truncated", "dropped_overlong", "dropped_no_answer",
-            "answer_tokens", "prompt_tokens", "padding_tokens", "stored_tokens", "longest")
+            "answer_tokens", "prompt_tokens", "padding_tokens", "stored_tokens", "longest",
+            "encoded_tokens", "unknown_tokens")
     return dict.fromkeys(keys, 0)
 
 
@@ -253,6 +254,7 @@ def build_sft_data(
         tokenizer.save_pretrained(str(tok_dir))
         dtype = id_dtype(len(tokenizer))
         eos_id = tokenizer.eos_token_id
+        unk_id = tokenizer.unk_token_id
         row_length = context_length if padding == "eos" else None
         writers = {s: ExampleWriter(tmp / s, dtype, row_length, eos_id) for s in SPLITS}
         stats = {s: _new_stats() for s in SPLITS}
@@ -263,6 +265,9 @@ def build_sft_data(
             for split, (ids, mask) in zip(splits, examples):
                 st = stats[split]
                 st["examples"] += 1
+                st["encoded_tokens"] += len(ids)
+                if unk_id is not None:
+                    st["unknown_tokens"] += int(np.count_nonzero(ids == unk_id))
                 st["longest"] = max(st["longest"], len(ids))
                 fitted, outcome = fit_example(ids, mask, context_length, overlong)
                 if fitted is None:
@@ -307,6 +312,9 @@ def build_sft_data(
             "vocab_size": len(tokenizer), "eos_id": eos_id, "mask_id": tokenizer.mask_token_id,
             "chat_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS},
             "counts": counts, "splits": stats, "seconds": round(elapsed, 3),
+            "unk_token": tokenizer.unk_token,
+            "unknown_tokens": stats["train"]["unknown_tokens"] + stats["test"]["unknown_tokens"],
+            "unknown_of_tokens": stats["train"]["encoded_tokens"] + stats["test"]["encoded_tokens"],
         }
         write_manifest(tmp, manifest)
         kill_point("prepare.write")
@@ -333,4 +341,5 @@ def _check_kept(stats: Dict[str, Dict[str, Any]], context_length: int, overlong:
         if stats[split]["kept"] == 0:
             raise DataError(f"the {split} split has no example ({stats[split]['examples']} "
                             f"conversations, {stats[split]['dropped_overlong']} dropped as too "
-                            "long); use more data or change dataset.test_split_pct")
+                            "long); use more data, or change dataset.test_split_pct or "
+                            "dataset.split_seed (which conversations are held out)")

@@ -78,8 +78,9 @@ def _download_shakespeare(cache: Path) -> None:
 
 # --- local files -------------------------------------------------------------------------------
 
-def resolve_local_paths(patterns: Sequence[str]) -> List[Path]:
-    """Return the files named by paths or globs; error on a missing path, empty glob or bad type."""
+def expand_local_paths(patterns: Sequence[str]) -> List[Path]:
+    """Return the files named by paths or globs, in order (absolute); error on a missing path,
+    a folder or an empty glob. Reads no file: cheap enough to identify prepared data by."""
     if not patterns:
         raise ConfigError(
             "dataset=local_text needs dataset.paths, e.g. 'dataset.paths=[/data/*.txt]' "
@@ -93,11 +94,21 @@ def resolve_local_paths(patterns: Sequence[str]) -> List[Path]:
             if not matched:
                 raise DataError(f"dataset.paths glob {pattern!r} matches no files")
             files.extend(matched)
-        else:
-            path = Path(pattern)
-            if not path.is_file():
-                raise DataError(f"dataset.paths file {pattern!r} does not exist")
-            files.append(path)
+            continue
+        path = Path(pattern)
+        if path.is_dir():
+            raise DataError(f"dataset.paths entry {pattern!r} is a folder; name its files, e.g. "
+                            f"'{pattern.rstrip('/')}/*.txt' (accepted: {', '.join(LOCAL_SUFFIXES)} "
+                            "files, by path or glob)")
+        if not path.is_file():
+            raise DataError(f"dataset.paths file {pattern!r} does not exist")
+        files.append(path)
+    return [p.resolve() for p in files]
+
+
+def resolve_local_paths(patterns: Sequence[str]) -> List[Path]:
+    """Return the files named by paths or globs; error on a missing path, empty glob or bad type."""
+    files = expand_local_paths(patterns)
     for path in files:
         if path.suffix not in LOCAL_SUFFIXES:
             raise DataError(
@@ -110,7 +121,7 @@ def resolve_local_paths(patterns: Sequence[str]) -> List[Path]:
         names = ", ".join(str(p) for p in files[:3]) + (", ..." if len(files) > 3 else "")
         raise DataError(f"dataset.paths names only empty files ({names}); accepted: "
                         f"{', '.join(LOCAL_SUFFIXES)} files holding at least one document")
-    return [p.resolve() for p in files]
+    return files
 
 
 def check_utf8_prefix(path: Path, limit: int = UTF8_PROBE_BYTES) -> None:
@@ -276,6 +287,23 @@ def open_text_source(
         return files_dataset(files, txt_unit, text_field), desc
     if source == "hub":
         return hub_dataset(hub, streaming), {"source": "hub", "hub": list(hub)}
+    raise ConfigError(f"dataset.source={source!r} is not known; accepted: hub, shakespeare, local")
+
+
+def describe_text_source(source: str, *, hub: Sequence[dict] = (), paths: Sequence[str] = (),
+                         text_field: str = "text", txt_unit: str = "file") -> dict:
+    """Return what a text source names, without reading or downloading it (see open_text_source).
+
+    The shakespeare description lacks the file list that open_text_source adds after download;
+    `ldm.data.identity.differences` compares only the keys a description has.
+    """
+    if source == "shakespeare":
+        return {"source": "shakespeare", "package": SHAKESPEARE_REQUIREMENT}
+    if source == "local":
+        return {"source": "local", "files": describe_files(expand_local_paths(paths)),
+                "txt_unit": txt_unit, "text_field": text_field}
+    if source == "hub":
+        return {"source": "hub", "hub": list(hub)}
     raise ConfigError(f"dataset.source={source!r} is not known; accepted: hub, shakespeare, local")
 
 

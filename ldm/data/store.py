@@ -81,15 +81,19 @@ def clean_stale_temporaries(final: Path) -> None:
 def atomic_folder(final: str | Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces `final` only if the block completes.
 
-    On any error the temporary folder is removed and `final` is left as it was.
+    On any error the temporary folder is removed, `final` is left as it was, and parent folders
+    this call created are removed again (when still empty), so a failed build leaves no trace.
     """
     final = Path(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
     tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    done = False
     try:
         yield tmp
+        give_umask_modes(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
@@ -97,9 +101,29 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for parent in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+
+
+def give_umask_modes(folder: Path) -> None:
+    """Give every file under `folder` the mode a plain new file gets (0666 less the umask).
+
+    Some writers (safetensors, tempfile-based savers) create files 0600; an export or prepared
+    data set is meant to be read like the rest of the folder it sits in.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            with contextlib.suppress(OSError):
+                path.chmod(mode | (path.stat().st_mode & 0o111))
 
 
 def write_manifest(folder: str | Path, manifest: Dict[str, Any]) -> None:

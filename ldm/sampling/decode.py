@@ -5,7 +5,8 @@ All functions take logits of shape [..., V] and work on any leading shape.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import re
+from typing import Iterable, List, Optional
 
 import torch
 
@@ -32,6 +33,36 @@ def banned_token_mask(
     if ids:
         banned[torch.tensor(ids, device=device)] = True
     return banned
+
+
+# Vocabulary entries held in reserve, never text: BERT's [unused0..993], Gemma-style <unused0>,
+# Llama-3's <|reserved_special_token_N|>, ModernBERT's |||IP_ADDRESS||| placeholders.
+RESERVED_TOKEN = re.compile(r"^(\[unused\d+\]|<unused\d+>|<\|reserved[\w-]*\|>|"
+                            r"\|\|\|[A-Z_]+\|\|\|)$", re.IGNORECASE)
+
+
+def never_emitted_ids(tok, vocab_size: Optional[int] = None) -> List[int]:
+    """Return the sorted ids a sampler must never emit with this tokenizer, EOS excepted.
+
+    Every special token; every added token except plain-whitespace ones that are not special
+    (ModernBERT's runs of spaces are text); every reserved/unused vocabulary entry; every id in
+    the tokenizer's range that names no token; and every id from len(tok) up to `vocab_size`
+    (embedding rows past the vocabulary, e.g. padded to a multiple of 64, decode to nothing).
+    """
+    size = len(tok)
+    banned = {int(i) for i in tok.all_special_ids}
+    for token_id, added in tok.added_tokens_decoder.items():
+        if added.special or not added.content.isspace():
+            banned.add(int(token_id))
+    vocab = tok.get_vocab()
+    banned.update(i for t, i in vocab.items() if RESERVED_TOKEN.match(t))
+    named = set(vocab.values())
+    banned.update(i for i in range(size) if i not in named)
+    if vocab_size is not None:
+        banned.update(range(size, int(vocab_size)))
+    if tok.eos_token_id is not None:
+        banned.discard(int(tok.eos_token_id))
+    return sorted(banned)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:

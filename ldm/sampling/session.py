@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ldm.sampling.decode import never_emitted_ids
 from ldm.sampling.infill import infill as infill_canvases
 from ldm.sampling.prompts import (InfillTemplate, Prompt, chat_messages, check_prompt_text,
                                   infill_fills)
@@ -22,6 +23,7 @@ from ldm.sampling.render import GifRecorder, LiveView, clean_answer
 from ldm.sampling.sampler import LogitsFn, generate
 from ldm.sampling.settings import SamplerSettings
 from ldm.errors import ConfigError, DataError
+from ldm.faults import fault_injection, kill_point
 from ldm.tokenizer import chat_token_ids, encode_chat
 
 
@@ -31,10 +33,10 @@ class Session:
     def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int, sampler: SamplerSettings,
                  path: Path, batch_size: int = 8, seed: int = 0, device="cpu",
                  render: str = "none", record_extra: Optional[Dict[str, Any]] = None,
-                 console=None, echo: bool = True):
+                 console=None, echo: bool = True, vocab_size: Optional[int] = None):
         self.model_fn, self.tok, self.mask_id, self.sampler = model_fn, tok, mask_id, sampler
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
-        banned = set(tok.all_special_ids)
+        banned = set(never_emitted_ids(tok, vocab_size))
         try:  # the chat turn tokens are special in our exports; ban them whatever a hub model says
             banned |= set(chat_token_ids(tok).values())
         except ConfigError:
@@ -48,6 +50,7 @@ class Session:
         self.gif = GifRecorder(tok, mask_id) if render == "gif" else None
         self.records: List[Dict[str, Any]] = []
         self._file = None
+        self._answers = 0  # chat answers begun (fault injection names them chat.answer:N)
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
@@ -60,10 +63,10 @@ class Session:
             self._file = None
 
     def write(self, record: Dict[str, Any]) -> None:
-        """Append one sample to the JSONL file (created, empty, on the first sample)."""
+        """Append one sample to the JSONL file (earlier runs' lines in it are kept)."""
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8")
+            self._file = self.path.open("a", encoding="utf-8")
         record = {**record, **self.extra}
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
@@ -103,8 +106,10 @@ class Session:
             self.gif.add_history(result.history, labels)
         return result, seconds
 
-    def _generate(self, prompt_ids: List[List[int]], labels: Sequence[str]):
+    def _generate(self, prompt_ids: List[List[int]], labels: Sequence[str], on_step=None):
         def call(**render):
+            if on_step is not None and "on_step" not in render and fault_injection():
+                render["on_step"] = on_step
             return generate(self.model_fn, prompt_ids, self.sampler, mask_id=self.mask_id,
                             eos_id=self.eos_id, special_ids=self.special_ids, pad_id=self.pad_id,
                             generator=self.generator, device=self.device, **render)
@@ -177,7 +182,10 @@ class Session:
         ids = self._fit(messages)
         if ids is None:
             return None
-        result, seconds = self._generate([ids], [messages[-1]["content"]])
+        self._answers += 1
+        point = f"chat.answer:{self._answers}"
+        result, seconds = self._generate([ids], [messages[-1]["content"]],
+                                         on_step=lambda _: kill_point(point))
         answer = clean_answer(self.tok, result.tokens[0], self.mask_id, self.eos_id)
         self.write({"mode": "interactive", "turn": turn, "prompt": messages[-1]["content"],
                     "answer": answer, "eos": result.eos[0], "messages": [dict(m) for m in messages],
@@ -199,16 +207,28 @@ class Session:
             del messages[first:first + 2]  # the oldest user turn and its answer
 
 
+BANNER = "chat: type a message and press Enter; /exit or Ctrl-D to leave, Ctrl-C to stop an answer"
+EMPTY_ANSWER = "(empty answer)"
+STOPPED = "(answer stopped)"
+
+
 def repl(session: Session, system: Optional[str] = None,
-         read: Callable[[str], str] = input) -> int:
-    """Run the chat REPL: `> ` prompts, /exit or EOF ends; return the number of turns answered."""
+         read: Callable[[str], str] = input, banner: str = BANNER) -> int:
+    """Run the chat REPL and return the number of turns answered.
+
+    `> ` prompts; /exit, Ctrl-D (EOF) or Ctrl-C at the prompt end it cleanly; Ctrl-C while an
+    answer is being sampled stops that answer (it is neither shown nor kept in the history) and
+    returns to the prompt.
+    """
     messages: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turn = 0
+    if banner:
+        print(banner, flush=True)
     while True:
         try:
             line = read("> ")
-        except EOFError:
-            print()
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
             break
         if line.strip() == "/exit":
             break
@@ -220,14 +240,19 @@ def repl(session: Session, system: Optional[str] = None,
             print(err, file=sys.stderr, flush=True)
             continue
         messages.append({"role": "user", "content": line.strip()})
-        answer = session.chat_turn(messages, turn)
+        try:
+            answer = session.chat_turn(messages, turn)
+        except KeyboardInterrupt:
+            messages.pop()
+            print(STOPPED, flush=True)
+            continue
         if answer is None:
             messages.pop()
             print(f"that message is too long for the model's {session.max_positions} positions "
                   f"with max_new_tokens={session.sampler.max_new_tokens}; write a shorter one",
                   file=sys.stderr, flush=True)
             continue
-        print(answer, flush=True)
+        print(answer if answer.strip() else EMPTY_ANSWER, flush=True)
         messages.append({"role": "assistant", "content": answer})
         turn += 1
     return turn

@@ -26,10 +26,23 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def task_choice():
+    """Return the task option picked on the command line (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("task")
+
+
 def dispatch(cfg: DictConfig) -> float:
     """Run the configured task; a user error becomes one line on stderr and exit status 2."""
     name = cfg.task.name
     try:
+        chosen = task_choice()
+        if chosen is not None and chosen not in TASKS:
+            raise LdmError(f"task={chosen} is not a task (an internal schema option); known "
+                           f"tasks: {', '.join(TASKS)}")
         if name not in TASKS:
             raise LdmError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
         module = importlib.import_module(f"ldm.tasks.{name}")
@@ -39,6 +52,9 @@ def dispatch(cfg: DictConfig) -> float:
             raise
         log.debug("task failed", exc_info=True)
         close_progress_bars()
+        from ldm.tasks.common import discard_new_run_folder
+
+        discard_new_run_folder()
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     return float(result) if result is not None else 0.0

@@ -78,8 +78,35 @@ def run_dir(cfg: DictConfig) -> Path:
     out = hydra_output_dir()
     if out is None:
         out = Path(cfg.paths.outputs) / "runs" / cfg.task.name / cfg.run_name
+    if not out.exists():
+        _RUN_STATE["created"] = out
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# The run folder this process created, and whether the task's real work (training, sampling)
+# began: a run that fails before that leaves no run folder behind.
+_RUN_STATE: dict = {"created": None, "started": False}
+
+
+def mark_work_started() -> None:
+    """Record that the task's real work began: from now on its run folder is kept on failure."""
+    _RUN_STATE["started"] = True
+
+
+def discard_new_run_folder() -> Optional[Path]:
+    """Remove the run folder this process created if the work never began; return it if removed."""
+    import shutil
+
+    folder = _RUN_STATE["created"]
+    if folder is None or _RUN_STATE["started"] or not Path(folder).is_dir():
+        return None
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = Path(folder).parent  # runs/<task>/, when this run was its only one
+    if parent.parent.name == "runs" and not any(parent.iterdir()):
+        parent.rmdir()
+    _RUN_STATE["created"] = None
+    return Path(folder)
 
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -196,9 +223,14 @@ class RunFolderLock(Callback):
         if not is_main_process():
             return
         try:
+            from ldm.tasks.naming import name_sample_run
+
+            name_sample_run(config)
             check_run_name(config.run_name)
             folder = Path(config.hydra.run.dir)
             try:
+                if not folder.exists():
+                    _RUN_STATE["created"] = folder
                 folder.mkdir(parents=True, exist_ok=True)
                 lock_run_folder(folder)
             except OSError as err:

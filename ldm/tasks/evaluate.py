@@ -114,8 +114,10 @@ def run(cfg: DictConfig) -> float:
     from ldm.data.store import load_prepared
     from ldm.evaluate import (answer_all, answer_metrics, fixed_batches, heldout_answers,
                                heldout_nelbo, synthetic_references)
+    from ldm.data.store import read_manifest
     from ldm.tasks.common import open_tracker, pick_device, run_dir
-    from ldm.tasks.prepare import prepare_command, prepared_data_dir
+    from ldm.tasks.prepare import (check_prepared_sources, log_data_identity,
+                                   missing_data_message, prepare_command, prepared_data_dir)
     from ldm.tokenizer import load_tokenizer
     from ldm.train.data import chat_collate, packed_collate
 
@@ -126,10 +128,13 @@ def run(cfg: DictConfig) -> float:
     kind = cfg.dataset.kind
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")
+    if read_manifest(data_dir) is None:
+        raise DataError(missing_data_message(cfg, data_dir, command))
     splits, manifest = load_prepared(data_dir, command)
     if manifest.get("kind", "text") != kind or manifest.get("context_length") != cfg.context.length:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
+    check_prepared_sources(cfg, data_dir, manifest, command)
     if export.max_positions is not None and cfg.context.length > export.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds the "
                           f"{export.max_positions} positions of checkpoint={cfg.checkpoint}")
@@ -171,6 +176,7 @@ def run(cfg: DictConfig) -> float:
                           "ldm.fingerprint": manifest.get("fingerprint", ""),
                           "ldm.run_dir": str(folder), "ldm.headline_metric": headline,
                           "ldm.headline_direction": "lower" if lower_better else "higher"})
+        log_data_identity(tracker, data_dir, manifest, "evaluation")
         log.info("evaluating %s on the test split of %s", export.where, data_dir)
         model = export.load_model(dtype=cfg.model.dtype,
                                   attn_implementation=cfg.model.attn_implementation,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,22 +13,54 @@ from ldm.data import sources, store
 from ldm.data.pretrain import build_pretraining_data
 from ldm.errors import ConfigError
 from ldm.tasks.common import open_tracker
+from ldm.tasks import prepared
+from ldm.tasks.prepared import log_data_identity, prepare_command  # noqa: F401 (used by stages)
 from ldm.tokenizer import TRAIN_BPE, load_tokenizer
 
 log = logging.getLogger("ldm")
 
 MIN_CONTEXT = 16
+UNKNOWN_WARN_FRACTION = 0.001  # warn when more than 0.1% of the tokens are [UNK]
+
+
+def source_description(cfg: DictConfig) -> dict:
+    """Return what this config's data set names (files with size and mtime, packages, settings).
+
+    Cheap: no document is read and nothing is downloaded. The prepared manifest records the
+    full description; `ldm.data.identity.differences` compares the two.
+    """
+    ds = cfg.dataset
+    if ds.kind != "chat":
+        return sources.describe_text_source(
+            ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True), paths=list(ds.paths),
+            text_field=ds.text_field, txt_unit=ds.txt_unit)
+    from ldm.data.chat_sources import describe_chat_source
+
+    parts = []
+    for part in chat_components(ds):
+        if part["source"] == "synthetic":
+            from ldm.data import synthetic
+
+            parts.append(synthetic.describe(part["max_documents"], ds.split_seed,
+                                            part["task_types"] or None, part["difficulty"]))
+        else:
+            parts.append(describe_chat_source(part["source"], hub=part["hub"], paths=part["paths"]))
+    return parts[0] if len(parts) == 1 else {"mix": parts}
 
 
 def prepared_data_dir(cfg: DictConfig) -> Path:
     """Return where this config's prepared data lives (used by the later stages too)."""
-    return store.data_dir(cfg.paths.data, cfg.dataset.name, cfg.model.tokenizer_name, cfg.context.name)
+    return prepared.data_dir_for(cfg, source_description(cfg))
 
 
-def prepare_command(cfg: DictConfig) -> str:
-    """Return the command line that prepares the data this config needs."""
-    return (f"python run.py task=prepare dataset={cfg.dataset.name} model={cfg.model.name} "
-            f"context={cfg.context.name}")
+def check_prepared_sources(cfg: DictConfig, folder: Path, manifest: dict, command: str) -> None:
+    """Raise DataError when the sources this config names differ from those `folder` was made from."""
+    prepared.check_sources(folder, manifest, source_description(cfg), command)
+
+
+def missing_data_message(cfg: DictConfig, folder: Path, command: str) -> str:
+    """Return the error for absent prepared data, naming data of this set from other sources."""
+    return prepared.missing_data_message(cfg, folder, command, source_description(cfg))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -168,7 +201,10 @@ def tokenizer_identity(tok) -> str:
 
 
 def run(cfg: DictConfig) -> float:
-    """Prepare pretraining or chat data; return the number of training tokens."""
+    """Prepare pretraining or chat data; return the number of training tokens.
+
+    The mlflow run starts once the data is there, so a prepare that fails leaves none behind.
+    """
     from ldm.tasks.checkpoints import with_init_from_model
 
     cfg = with_init_from_model(cfg)  # an init_from export brings its model group
@@ -193,32 +229,52 @@ def run(cfg: DictConfig) -> float:
             # data prepared before text spelling a special token was kept as text is not reused
             "special_token_text": "split"}
     fp = store.fingerprint(spec)
-    with open_tracker(cfg) as tracker:
-        tracker.set_tags({"ldm.data_dir": str(final), "ldm.fingerprint": fp})
-        if not cfg.task.force and store.is_reusable(final, fp):
-            manifest = store.read_manifest(final)
-            log.info("reusing prepared data at %s (fingerprint %s matches)", final, fp)
-            print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
-        else:
-            manifest = build_pretraining_data(
-                lambda: (row["text"] for row in documents), final, tokenizer=tokenizer,
-                context_length=cfg.context.length, test_split_pct=ds.test_split_pct,
-                split_seed=ds.split_seed, pack=cfg.task.pack, last_row=cfg.task.last_row,
-                num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
-                max_documents=ds.max_documents, bpe_vocab_size=cfg.model.vocab_size,
-                manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
-                                "tokenizer": {"name": cfg.model.tokenizer_name, **tok_id},
-                                "context": cfg.context.name},
-            )
-        print_summary(final, manifest)
-        metrics = {}
-        for split, st in manifest["splits"].items():
-            for key in ("documents", "tokens", "rows", "padding_fraction", "bytes_per_token"):
+    if not cfg.task.force and store.is_reusable(final, fp):
+        manifest = store.read_manifest(final)
+        log.info("reusing prepared data at %s (fingerprint %s matches)", final, fp)
+        print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
+    else:
+        manifest = build_pretraining_data(
+            lambda: (row["text"] for row in documents), final, tokenizer=tokenizer,
+            context_length=cfg.context.length, test_split_pct=ds.test_split_pct,
+            split_seed=ds.split_seed, pack=cfg.task.pack, last_row=cfg.task.last_row,
+            num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
+            max_documents=ds.max_documents, bpe_vocab_size=cfg.model.vocab_size,
+            manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
+                            "tokenizer": {"name": cfg.model.tokenizer_name, **tok_id},
+                            "context": cfg.context.name},
+        )
+    print_summary(final, manifest)
+    warn_unknown(manifest)
+    metrics = {}
+    for split, st in manifest["splits"].items():
+        for key in ("documents", "tokens", "rows", "padding_fraction", "bytes_per_token",
+                    "unknown_tokens"):
+            if key in st:
                 metrics[f"{split}.{key}"] = st[key]
-        metrics["tokens_per_second"] = manifest.get("tokens_per_second", 0.0)
+    metrics["tokens_per_second"] = manifest.get("tokens_per_second", 0.0)
+    track_prepared(cfg, final, manifest, metrics)
+    return float(manifest["splits"]["train"]["tokens"])
+
+
+def track_prepared(cfg: DictConfig, final: Path, manifest: dict, metrics: dict) -> None:
+    """Log a finished prepare to mlflow: figures, fingerprint, sources, manifest, dataset input."""
+    with open_tracker(cfg) as tracker:
+        log_data_identity(tracker, final, manifest, "prepare")
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(final / store.MANIFEST, "data")
-    return float(manifest["splits"]["train"]["tokens"])
+
+
+def warn_unknown(manifest: dict) -> None:
+    """Print a warning when more than UNKNOWN_WARN_FRACTION of the tokens are the unknown token."""
+    count, total = manifest.get("unknown_tokens"), manifest.get("unknown_of_tokens")
+    if not count or not total or count / total <= UNKNOWN_WARN_FRACTION:
+        return
+    message = (f"warning: {count:,} of {total:,} tokens ({count / total:.2%}) are the unknown "
+               f"token {manifest.get('unk_token')!r}: characters the tokenizer's vocabulary lacks "
+               "(e.g. CJK or emoji for an English WordPiece) were lost; use a tokenizer that "
+               "covers them (model=modernbert_tiny trains one on the data)")
+    print(message, file=sys.stderr, flush=True)
 
 
 def run_chat(cfg: DictConfig) -> float:
@@ -238,29 +294,27 @@ def run_chat(cfg: DictConfig) -> float:
             "test_split_pct": ds.test_split_pct, "answer_turns": ds.answer_turns,
             "padding": ds.padding, "overlong": ds.overlong, "max_documents": ds.max_documents}
     fp = store.fingerprint(spec)
-    with open_tracker(cfg) as tracker:
-        tracker.set_tags({"ldm.data_dir": str(final), "ldm.fingerprint": fp})
-        if not cfg.task.force and store.is_reusable(final, fp):
-            manifest = store.read_manifest(final)
-            print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
-        else:
-            tokenizer = tokenizer or chat_tokenizer(cfg, conversations)
-            manifest = build_sft_data(
-                conversations, final, tokenizer=tokenizer, context_length=cfg.context.length,
-                test_split_pct=ds.test_split_pct, split_seed=ds.split_seed,
-                answer_turns=ds.answer_turns, padding=ds.padding, overlong=ds.overlong,
-                num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
-                max_examples=None if ds.source == "synthetic" else ds.max_documents,
-                manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
-                                "tokenizer": {"name": cfg.model.tokenizer_name,
-                                              "from": cfg.init_from or cfg.model.tokenizer},
-                                "context": cfg.context.name},
-            )
-        print_chat_summary(final, manifest)
-        metrics = {f"{split}.{key}": value for split, st in manifest["splits"].items()
-                   for key, value in st.items() if isinstance(value, (int, float))}
-        tracker.log_metrics(metrics, step=0)
-        tracker.log_artifact(final / store.MANIFEST, "data")
+    if not cfg.task.force and store.is_reusable(final, fp):
+        manifest = store.read_manifest(final)
+        print(f"reusing prepared data at {final} (fingerprint {fp} matches)")
+    else:
+        tokenizer = tokenizer or chat_tokenizer(cfg, conversations)
+        manifest = build_sft_data(
+            conversations, final, tokenizer=tokenizer, context_length=cfg.context.length,
+            test_split_pct=ds.test_split_pct, split_seed=ds.split_seed,
+            answer_turns=ds.answer_turns, padding=ds.padding, overlong=ds.overlong,
+            num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
+            max_examples=None if ds.source == "synthetic" else ds.max_documents,
+            manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
+                            "tokenizer": {"name": cfg.model.tokenizer_name,
+                                          "from": cfg.init_from or cfg.model.tokenizer},
+                            "context": cfg.context.name},
+        )
+    print_chat_summary(final, manifest)
+    warn_unknown(manifest)
+    metrics = {f"{split}.{key}": value for split, st in manifest["splits"].items()
+               for key, value in st.items() if isinstance(value, (int, float))}
+    track_prepared(cfg, final, manifest, metrics)
     return float(manifest["splits"]["train"].get("answer_tokens", 0))
 
 
@@ -271,14 +325,14 @@ def print_chat_summary(final: Path, manifest: dict) -> None:
 
     table = Table(title=f"prepared chat data: {final}")
     for col in ("split", "examples", "kept", "truncated", "dropped", "bad", "answer tok",
-                "prompt tok", "padding"):
+                "prompt tok", "padding", "unknown tok"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, st in manifest["splits"].items():
         dropped = st.get("dropped_overlong", 0) + st.get("dropped_no_answer", 0)
         table.add_row(split, f"{st.get('examples', 0):,}", f"{st.get('kept', 0):,}",
                       f"{st.get('truncated', 0):,}", f"{dropped:,}", f"{st.get('skipped_bad', 0):,}",
                       f"{st.get('answer_tokens', 0):,}", f"{st.get('prompt_tokens', 0):,}",
-                      f"{st.get('padding_fraction', 0.0):.1%}")
+                      f"{st.get('padding_fraction', 0.0):.1%}", f"{st.get('unknown_tokens', 0):,}")
     Console().print(table)
     print(f"padding {manifest.get('padding')}, answer turns {manifest.get('answer_turns')}, "
           f"context {manifest.get('context_length', '')}, fingerprint {manifest['fingerprint']}")
@@ -291,12 +345,12 @@ def print_summary(final: Path, manifest: dict) -> None:
 
     table = Table(title=f"prepared data: {final}")
     table.add_column("split")
-    for col in ("documents", "tokens", "rows", "padding", "dropped", "bytes/token"):
+    for col in ("documents", "tokens", "rows", "padding", "dropped", "bytes/token", "unknown"):
         table.add_column(col, justify="right")
     for split, st in manifest["splits"].items():
         table.add_row(split, f"{st['documents']:,}", f"{st['tokens']:,}", f"{st['rows']:,}",
                       f"{st['padding_fraction']:.2%}", f"{st['dropped_tokens']:,}",
-                      f"{st['bytes_per_token']:.3f}")
+                      f"{st['bytes_per_token']:.3f}", f"{st.get('unknown_tokens', 0):,}")
     Console(stderr=False).print(table)
     print(f"dtype {manifest['dtype']}, context {manifest['context_length']}, "
           f"fingerprint {manifest['fingerprint']}")

@@ -7,6 +7,7 @@ prompt is given. Every sample goes to <run dir>/samples.jsonl and to mlflow.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -15,10 +16,9 @@ from omegaconf import DictConfig
 from ldm.errors import ConfigError
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
+from ldm.tasks.naming import name_sample_run
 
 RENDERS = ("none", "live", "gif")
-
-
 def sample_mode(cfg: DictConfig) -> str:
     """Return interactive | infill | prompts | unconditional after the config-only checks."""
     from ldm.tasks.common import check_device
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> float:
                                       read_prompts_file)
     from ldm.sampling import hf_logits_fn
     from ldm.sampling.session import Session, repl
-    from ldm.tasks.common import open_tracker, pick_device, run_dir
+    from ldm.tasks.common import mark_work_started, open_tracker, pick_device, run_dir
 
     mode = sample_mode(cfg)
     infills = read_infill(cfg.infill) if mode == "infill" else []
@@ -121,8 +121,8 @@ def run(cfg: DictConfig) -> float:
             raise ConfigError(f"an infill text has {longest} tokens, more than the model's "
                               f"max_positions={export.max_positions}; shorten it")
     device = pick_device(cfg.task.device)
-    folder = run_dir(cfg)
-    (folder / "samples.jsonl").unlink(missing_ok=True)  # a rerun of this run_name starts afresh
+    name_sample_run(cfg)
+    folder = run_dir(cfg)  # samples.jsonl is appended to: a rerun of a run_name keeps the earlier
 
     with open_tracker(cfg) as tracker:
         tracker.set_tags({"ldm.checkpoint": export.where, "ldm.sample_mode": mode,
@@ -131,12 +131,13 @@ def run(cfg: DictConfig) -> float:
                                   attn_implementation=cfg.model.attn_implementation,
                                   trust_remote_code=cfg.model.trust_remote_code,
                                   vocab_size=len(tok), device=device)
+        mark_work_started()
         extra = {"sampler": {"name": cfg.sampler.name, **settings.as_record()},
                  "checkpoint": export.where, "seed": cfg.seed}
         with Session(hf_logits_fn(model), tok, mask_id=mask_id, sampler=settings,
                      path=folder / "samples.jsonl", batch_size=cfg.task.batch_size,
-                     seed=cfg.seed, device=device, render=cfg.render,
-                     record_extra=extra) as session:
+                     seed=cfg.seed, device=device, render=cfg.render, record_extra=extra,
+                     vocab_size=model.get_input_embeddings().num_embeddings) as session:
             if mode == "interactive":
                 repl(session, system)
             elif mode == "infill":
@@ -148,7 +149,8 @@ def run(cfg: DictConfig) -> float:
             return 0.0
         summary = session.summary()
         tracker.log_metrics(summary, step=0)
-        tracker.log_artifact(session.path, "samples")
+        tracker.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in session.records),
+                         "samples/samples.jsonl")
         if session.gif is not None:
             tracker.log_artifact(session.save_gif(cfg.out), "render")
             print(f"gif: {cfg.out} ({len(session.gif.frames)} frames)")

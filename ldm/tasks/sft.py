@@ -33,6 +33,7 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
     def factory(tokenizer, test_split, tracker):
         import torch
 
+        from ldm.sampling.decode import never_emitted_ids
         from ldm.sampling.sampler import generate, hf_logits_fn
 
         # the same prompts task=evaluate answers: everything before each row's last answer
@@ -47,7 +48,8 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
             mlm.eval()
             result = generate(hf_logits_fn(mlm), [p for p, _ in prompts], settings,
                               mask_id=tokenizer.mask_token_id, eos_id=tokenizer.eos_token_id,
-                              special_ids=tokenizer.all_special_ids, pad_id=tokenizer.pad_token_id,
+                              special_ids=never_emitted_ids(tokenizer, mlm.config.vocab_size),
+                              pad_id=tokenizer.pad_token_id,
                               generator=torch.Generator().manual_seed(cfg.seed),
                               device=next(mlm.parameters()).device, record_history=False)
             lines = []

@@ -141,27 +141,39 @@ def remember_mlflow_run(run_dir: Path, run_id: Optional[str]) -> None:
         tmp.replace(run_dir / MLFLOW_RUN_FILE)
 
 
-def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default: str,
-                 on_eval_for=None) -> float:
-    """Train on the prepared data this config names, export, and return the final held-out NELBO.
+def check_masking(masking: DictConfig) -> None:
+    """Raise ConfigError for a masking schedule the objective cannot use (before any weights)."""
+    from ldm.masking import TIME_SAMPLING, get_schedule
 
-    `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
-    batch collate; `on_eval_for(tokenizer, test_split)` returns an optional evaluation hook.
+    get_schedule(masking.schedule)
+    if masking.time_sampling not in TIME_SAMPLING:
+        raise ConfigError(f"masking.time_sampling={masking.time_sampling!r} is not known; use one "
+                          f"of {', '.join(TIME_SAMPLING)}")
+    if not 0.0 <= masking.eps < 1.0:
+        raise ConfigError(f"masking.eps={masking.eps!r} is out of range; use a value in [0, 1), "
+                          "e.g. 1e-3 (the smallest time t drawn)")
+
+
+def check_training(cfg: DictConfig, kind: str) -> dict:
+    """Check every setting a training run uses; return {cfg, data_dir, manifest, command}.
+
+    Runs before the model loads, the mlflow run starts or a folder is written, so a bad value
+    costs nothing: config values, the masking schedule, the batch layout, the model's dtype and
+    attention, resume and init folders, and the prepared data (present, of this kind and
+    context, made from exactly the sources this run names).
     """
-    from ldm.data.store import load_prepared
+    from ldm.data.store import read_manifest
     from ldm.errors import DataError
-    from ldm.export import write_export
-    from ldm.hub import is_local
+    from ldm.model import check_attn_implementation, resolve_dtype
     from ldm.tasks.checkpoints import with_init_from_model
-    from ldm.tasks.common import (check_run_name, check_tracking, lock_run_folder, open_tracker,
-                                  run_dir)
-    from ldm.tasks.prepare import prepare_command, prepared_data_dir
-    from ldm.tokenizer import load_tokenizer
+    from ldm.tasks.common import check_run_name, check_tracking
+    from ldm.tasks.prepare import (check_prepared_sources, missing_data_message, prepare_command,
+                                   prepared_data_dir)
     from ldm.train import checkpoint as ckpt
-    from ldm.train.distributed import check_world_size, layers_to_wrap
-    from ldm.train.loop import make_accelerator, seed_everything, train, validate
+    from ldm.train.loop import validate
 
     check_tracking(cfg)
+    check_run_name(cfg.run_name)
     cfg = with_init_from_model(cfg)  # before anything reads cfg.model
     if cfg.dataset.kind != kind:
         raise ConfigError(f"task={cfg.task.name} trains on kind '{kind}' datasets; dataset="
@@ -169,12 +181,52 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     if not cfg.init_from and cfg.context.length > cfg.model.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds model.max_positions="
                           f"{cfg.model.max_positions} of model={cfg.model.name}")
+    check_masking(cfg.masking)
+    resolve_dtype(cfg.model.dtype)
+    check_attn_implementation(cfg.model.attn_implementation)
+    if cfg.hardware.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"hardware.mixed_precision={cfg.hardware.mixed_precision!r}; accepted: "
+                          "no, bf16, fp16")
+    validate(loop_config(cfg, 0, "token"), cfg.hardware.num_processes)
+    accelerate_settings(cfg)
+    if cfg.task.resume_from:
+        ckpt.read_state(cfg.task.resume_from)
     data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.init_from}" if cfg.init_from else "")
-    splits, manifest = load_prepared(data_dir, command)
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise DataError(missing_data_message(cfg, data_dir, command))
     if manifest.get("context_length") != cfg.context.length or manifest.get("kind", "text") != kind:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
+    check_prepared_sources(cfg, data_dir, manifest, command)
+    return {"cfg": cfg, "data_dir": data_dir, "manifest": manifest, "command": command}
+
+
+def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default: str,
+                 on_eval_for=None, checks=None) -> float:
+    """Train on the prepared data this config names, export, and return the final held-out NELBO.
+
+    `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
+    batch collate; `on_eval_for(tokenizer, test_split)` returns an optional evaluation hook;
+    `checks(cfg)` runs the task's own checks with the common ones, before anything is written.
+    """
+    from ldm.data.store import load_prepared
+    from ldm.export import write_export
+    from ldm.hub import is_local
+    from ldm.tasks.common import (check_run_name, lock_run_folder, mark_work_started,
+                                  open_tracker, run_dir)
+    from ldm.tasks.prepare import log_data_identity
+    from ldm.tokenizer import chat_encoding_note, load_tokenizer
+    from ldm.train import checkpoint as ckpt
+    from ldm.train.distributed import check_world_size, layers_to_wrap
+    from ldm.train.loop import make_accelerator, seed_everything, train, validate
+
+    if checks is not None:
+        checks(cfg)
+    found = check_training(cfg, kind)
+    cfg, data_dir, command = found["cfg"], found["data_dir"], found["command"]
+    splits, manifest = load_prepared(data_dir, command)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
     if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
@@ -201,12 +253,14 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
         layers_to_wrap(model, wrap, f"hardware.accelerate_config={cfg.hardware.accelerate_config}")
     resuming = cfg.task.resume and (cfg.task.resume_from or ckpt.latest_checkpoint(folder))
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    chat_note = chat_encoding_note(tokenizer)
 
     def export(mlm, step: int, state_dict=None) -> Path:
         out = write_export(mlm, tokenizer, export_dir, resolved,
                            {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
                             "data": str(data_dir), "fingerprint": manifest.get("fingerprint"),
-                            "dataset": cfg.dataset.name, "context": cfg.context.name},
+                            "dataset": cfg.dataset.name, "context": cfg.context.name,
+                            "chat_encoding": chat_note},
                            state_dict=state_dict)
         tracker.set_tags({"ldm.export": str(out)})
         log.info("exported step %d to %s", step, out)
@@ -215,8 +269,11 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, normalizer_default:
     with open_tracker(cfg, resume_run_id=previous_mlflow_run(folder) if resuming else None) as tracker:
         if accelerator.is_main_process:
             remember_mlflow_run(folder, tracker.run_id)
-            tracker.set_tags({"ldm.data_dir": str(data_dir), "ldm.run_dir": str(folder)})
+            tracker.set_tags({"ldm.run_dir": str(folder)})
+            if not resuming:
+                log_data_identity(tracker, data_dir, manifest, "training")
         on_eval = on_eval_for(tokenizer, splits["test"], tracker) if on_eval_for else None
+        mark_work_started()
         final = train(model, tokenizer, splits["train"], splits["test"], collate_for(tokenizer),
                       loop_cfg, accelerator=accelerator, run_dir=folder, tracker=tracker,
                       export=export, resume=bool(cfg.task.resume),

@@ -278,6 +278,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 final.update(metrics)
                 window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0,
                           "time": time.perf_counter()}
+            if done == cfg.max_steps:  # checkpoint first: a failing final evaluation or export
+                ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
                 evals = evaluate(wrapped, eval_data, collate, cfg, device)
                 if accelerator.is_main_process:
@@ -288,7 +290,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                             on_eval(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
                 final.update(evals)
                 wrapped.train()
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
             if (cfg.export_every and done % cfg.export_every == 0) or done == cfg.max_steps:
                 export_main(accelerator, wrapped, export, done)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from conftest import REPO, write_corpus
+from conftest import REPO, local_text_dir, write_corpus
 
 # A ModernBERT of ~30k parameters with a 320-token BPE and 64-token rows: one step is milliseconds.
 TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=32",
@@ -221,7 +221,7 @@ def world(tmp_path_factory, launcher) -> World:
     corpus = write_corpus(root / "corpus", n_docs=16, words=300)
     outputs = root / "outputs"
     paths = f"dataset.paths=[{corpus}/*.txt]"
-    w = World(root, outputs, corpus, paths, outputs / "data" / "local_text" / "bpe320" / "ctx64")
+    w = World(root, outputs, corpus, paths, local_text_dir(outputs, paths, "bpe320", "ctx64"))
     proc = launcher.run(["task=prepare", *w.text, "dataset.test_split_pct=0.25", "tracking=off"],
                         outputs)
     assert proc.returncode == 0, proc.stderr[-3000:]

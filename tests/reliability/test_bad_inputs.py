@@ -33,6 +33,8 @@ BAD_FILES = {
     "table.csv": "a,b\n1,2\n",
     "nul_prompt.txt": "a fine prompt\nanother \x00 one\n",
     "prompts_bad.jsonl": '{"prompt": "fine"}\n{"prompt": "cut\n',
+    "other.txt": "A few words that were never prepared.\n",
+    "two.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n',
 }
 
 
@@ -131,8 +133,14 @@ def written_for_later_stages(outputs: Path) -> list:
     return [str(p.relative_to(outputs)) for p in found]
 
 
-def test_table_has_at_least_30_distinct_cases():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+def test_table_has_at_least_70_distinct_cases():
+    assert len(CASES) >= 70 and len({c.id for c in CASES}) == len(CASES)
+
+
+def run_folders_left(outputs: Path) -> list:
+    """Return the run folders a failed command left under outputs/runs."""
+    runs = outputs / "runs"
+    return [str(p.relative_to(outputs)) for p in runs.glob("*/*")] if runs.is_dir() else []
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -152,6 +160,9 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(case, results):
         assert any(all(e in ln for e in case.expect) for ln in lines), \
             f"no stderr line holds all of {case.expect}:\n{proc.stderr[-3000:]}"
     assert not written_for_later_stages(outputs)
+    if not case.id.startswith("resume_"):  # a failed resume began training: its folder stays
+        assert not run_folders_left(outputs), run_folders_left(outputs)
+    assert not any((outputs / "data").glob("*")) if (outputs / "data").is_dir() else True
 
 
 def test_no_bad_input_changed_the_shared_prepared_data(results):
@@ -166,4 +177,4 @@ def test_full_error_shows_the_traceback_for_debugging(world, launcher, tmp_path)
     proc = launcher.run(["task=pretrain", "dataset=local_text", "dataset.paths=[/nowhere.txt]",
                          "tracking=off"], tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
-    assert "no prepared data" in proc.stderr
+    assert "'/nowhere.txt' does not exist" in proc.stderr

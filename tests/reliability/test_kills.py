@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import local_text_dir
+
 from .conftest import CHAT, TINY, TRAIN, error_line, record_kill, same_tree, same_weights
 
 pytestmark = pytest.mark.slow
@@ -155,7 +157,7 @@ def test_prepare_killed_while_tokenizing_or_writing_leaves_nothing_readable_and_
     outputs = tmp_path / "outputs"
     command = ["task=prepare", *world.text, "dataset.test_split_pct=0.25", "task.batch_size=4",
                "tracking=off"]
-    final = outputs / "data" / "local_text" / "bpe320" / "ctx64"
+    final = local_text_dir(outputs, world.paths, "bpe320", "ctx64")
     problems = {"prepare.tokenize:8": [], "prepare.write": [], "prepare.write (force, over data)": []}
 
     def unreadable(found: list) -> None:
