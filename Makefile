@@ -30,7 +30,9 @@ $(CORE_STAMP): pyproject.toml
 	touch $(CORE_STAMP)
 
 $(STAMP): $(CORE_STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,serve,bench]"
+	# `lm_eval --model ldm`: lm-eval has no plugin discovery, so a .pth registers the adapter
+	$(BIN)/python -m ldm.benchmark.plugin
 	touch $(STAMP)
 
 # the whole pipeline on CPU in minutes (a second run reuses every finished stage):

@@ -154,6 +154,14 @@ class EvaluateTaskConfig(TaskConfig):
 
 
 @dataclass
+class BenchmarkTaskConfig(TaskConfig):
+    """lm-eval task suites (benchmark=) run on an export through the ldm adapter."""
+
+    name: str = "benchmark"
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
 class CompareTaskConfig(TaskConfig):
     """The child runs of one sweep (compare_run=) as a table, best first, and a plot."""
 
@@ -256,6 +264,26 @@ class SamplerConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """A suite of lm-eval tasks and the adapter's estimator settings."""
+
+    name: str = MISSING
+    tasks: List[str] = field(default_factory=list)  # offline: cloze | choice | synthetic
+    hub: bool = False  # true: harness tasks whose data comes from the Hugging Face hub
+    num_fewshot: Dict[str, int] = field(default_factory=dict)  # per task; absent = task default
+    limit: Optional[float] = None  # items per task (>= 1) or a fraction (< 1), for smoke runs
+    mc_num: int = 128  # Monte Carlo samples per loglikelihood request
+    batch_size: int = 16  # model rows per forward pass
+    cfg_scale: float = 0.0  # classifier-free guidance of the likelihood (prompt masked)
+    greedy: str = "auto"  # is_greedy by greedy decoding: auto (not per multiple-choice option) | true | false
+    max_items: int = 200  # offline suites: items per task built from the held-out data
+    context_words: int = 48  # cloze and choice passage length in words
+    continuation_words: int = 8  # choice: words per continuation
+    choices: int = 4  # choice: options per item
+    log_samples: bool = True  # keep the harness's per-item samples as an artifact
+
+
+@dataclass
 class HardwareConfig:
     name: str = MISSING
     accelerator: str = "cpu"  # cpu | gpu
@@ -286,6 +314,7 @@ class LdmConfig:
     context: ContextConfig = MISSING
     masking: MaskingConfig = MISSING
     sampler: SamplerConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
     hardware: HardwareConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -309,7 +338,7 @@ class LdmConfig:
 TASK_SCHEMAS = {"prepare": PrepareTaskConfig, "train": TrainTaskConfig,
                 "sample": SampleTaskConfig, "chain": ChainTaskConfig,
                 "evaluate": EvaluateTaskConfig, "compare": CompareTaskConfig,
-                "serve": ServeTaskConfig}
+                "serve": ServeTaskConfig, "benchmark": BenchmarkTaskConfig}
 
 GROUP_SCHEMAS = {
     "model": ModelConfig,
@@ -317,6 +346,7 @@ GROUP_SCHEMAS = {
     "context": ContextConfig,
     "masking": MaskingConfig,
     "sampler": SamplerConfig,
+    "benchmark": BenchmarkConfig,
     "hardware": HardwareConfig,
     "tracking": TrackingConfig,
 }

@@ -62,10 +62,17 @@ def heldout_nelbo(
     and each row draws one t uniformly inside each stratum (`samples` times, each with its own
     mask), all from generators seeded per row. So the number is deterministic for a seed and,
     unlike a fixed grid of t, an unbiased estimate of the negative ELBO.
+    On EOS-padded chat rows the maskable tokens are mostly padding, so batches that carry an
+    `answer` mask (the answer tokens and their closing EOS, padding excluded) also give
+    answer_nelbo / answer_ppl_bound: the same terms summed over those tokens only, divided by
+    their number, with answer_tokens and maskable_tokens counted beside them.
     """
     sched = get_schedule(schedule)
     total_bound = 0.0
     total_tokens = 0.0
+    answer_bound = 0.0
+    answer_tokens = 0.0
+    has_answer = False
     correct = torch.zeros(len(BUCKETS) - 1, dtype=torch.float64)
     counted = torch.zeros(len(BUCKETS) - 1, dtype=torch.float64)
     first_row = 0
@@ -78,6 +85,11 @@ def heldout_nelbo(
         maskable = maskable.bool()
         total_tokens += float(maskable.sum())
         rows, width = ids.shape
+        answer = batch.get("answer")
+        if answer is not None:
+            has_answer = True
+            answer = answer.bool()
+            answer_tokens += float(answer.sum())
         for k in range(grid_points):
             for s in range(samples):
                 gens = [row_generator(seed, first_row + r, k, s) for r in range(rows)]
@@ -94,8 +106,11 @@ def heldout_nelbo(
                 targets = ids[masked]
                 nll = F.cross_entropy(logits, targets, reduction="none").double().cpu()
                 row_of = masked.nonzero()[:, 0].cpu()  # row-major, as logits_at returns them
-                per_row = torch.zeros(rows, dtype=torch.float64).index_add_(0, row_of, nll)
-                total_bound += float((sched.weight(t) * per_row).sum()) / (grid_points * samples)
+                weight = sched.weight(t).double().cpu()[row_of]  # each masked token's row w(t)
+                total_bound += float((weight * nll).sum()) / (grid_points * samples)
+                if answer is not None:
+                    in_answer = answer[masked].cpu()
+                    answer_bound += float((weight * nll)[in_answer].sum()) / (grid_points * samples)
                 bucket = (t * (len(BUCKETS) - 1)).long().clamp(max=len(BUCKETS) - 2)[row_of]
                 hits = (logits.argmax(-1) == targets).double().cpu()
                 correct.index_add_(0, bucket, hits)
@@ -103,6 +118,11 @@ def heldout_nelbo(
         first_row += rows
     nelbo = total_bound / max(total_tokens, 1.0)
     out = {"nelbo": nelbo, "ppl_bound": math.exp(min(nelbo, 700.0))}
+    if has_answer:
+        answer_nelbo = answer_bound / max(answer_tokens, 1.0)
+        out.update({"answer_nelbo": answer_nelbo,
+                    "answer_ppl_bound": math.exp(min(answer_nelbo, 700.0)),
+                    "answer_tokens": answer_tokens, "maskable_tokens": total_tokens})
     for i in range(len(BUCKETS) - 1):
         if counted[i] > 0:
             out[f"acc_t{BUCKETS[i]:.2f}-{BUCKETS[i + 1]:.2f}"] = float(correct[i] / counted[i])
@@ -201,7 +221,14 @@ def answer_metrics(records: Sequence[Dict]) -> Dict[str, float]:
 
 def synthetic_references(manifest: dict, tok, prompts: List[List[int]], data_dir: Path,
                          command: str) -> List[Tuple[str, str]]:
-    """Return (task type, reference answer) for each held-out synthetic prompt, in order.
+    """Return (task type, reference answer) for each held-out synthetic prompt, in order."""
+    return [(ex["task"], ex["answer"])
+            for ex in synthetic_examples(manifest, tok, prompts, data_dir, command)]
+
+
+def synthetic_examples(manifest: dict, tok, prompts: List[List[int]], data_dir: Path,
+                       command: str) -> List[dict]:
+    """Return the regenerated synthetic example (task, messages, answer) of each held-out prompt.
 
     The examples are regenerated from the generator settings the data was prepared with (its
     manifest) and the held-out ones picked with the same split rule; each test row is matched to
@@ -225,7 +252,7 @@ def synthetic_references(manifest: dict, tok, prompts: List[List[int]], data_dir
     for n, prompt in enumerate(prompts):
         for ex in held:
             if encode_chat(tok, ex["messages"][:-1], add_generation_prompt=True)[0] == prompt:
-                out.append((ex["task"], ex["answer"]))
+                out.append(ex)
                 break
         else:
             raise DataError(f"held-out row {n} of {data_dir} matches no regenerated synthetic "

@@ -91,3 +91,32 @@ def test_stratified_t_estimates_the_bound_without_the_bias_of_a_fixed_grid():
     result = heldout_nelbo(FractionSquared(torch.nn.Identity()), batches, schedule="linear",
                            eps=1e-3, grid_points=1, mask_id=4, seed=0)
     assert abs(result["nelbo"] - 1 / 3) < 0.03, result["nelbo"]
+
+
+def test_answer_nelbo_counts_the_answer_and_its_eos_but_not_the_eos_padding():
+    # A model sure of EOS everywhere: padding costs nothing, each of the 4 answer words costs
+    # about 20 nats. Over all 16 maskable positions that is 4 * 20 / 16 = 5 per token, the
+    # padded number; over the 5 real answer tokens (4 words + their EOS) 4 * 20 / 5 = 16.
+    import numpy as np
+
+    from ldm.model import SparseMaskedLM
+    from ldm.train.data import chat_collate
+
+    EOS = 3
+
+    class SureOfEos(SparseMaskedLM):
+        def forward(self, input_ids, attention_mask, positions_mask):
+            logits = torch.zeros(int(positions_mask.sum()), 50)
+            logits[:, EOS] = 20.0
+            return logits
+
+    ids = np.array([[20, 21, 22, 23] + [EOS] * 12] * 64, dtype=np.uint16)
+    rows = {"input_ids": ids, "answer_mask": np.ones_like(ids, dtype=np.uint8),
+            "length": np.full(64, 5, dtype=np.uint32)}
+    batch = chat_collate(pad_id=0)(rows, "cpu")
+    assert int(batch["answer"].sum()) == 64 * 5 and int(batch["maskable"].sum()) == 64 * 16
+    result = heldout_nelbo(SureOfEos(torch.nn.Identity()), [batch], schedule="linear", eps=1e-3,
+                           grid_points=8, mask_id=4, seed=0)
+    assert abs(result["nelbo"] - 5.0) < 0.5
+    assert abs(result["answer_nelbo"] - 16.0) < 1.6
+    assert result["answer_tokens"] == 64 * 5 and result["maskable_tokens"] == 64 * 16

@@ -18,7 +18,7 @@ def _normalise(req: str) -> tuple[str, str]:
 def test_pyproject_and_environment_yml_pin_the_same_versions():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pyproject = dict(_normalise(r) for r in project["dependencies"])
-    for extra in ("dev", "serve"):  # what `make test` installs besides the core
+    for extra in ("dev", "serve", "bench"):  # what `make test` installs besides the core
         pyproject.update(_normalise(r) for r in project["optional-dependencies"][extra])
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
@@ -40,6 +40,12 @@ def test_make_pins_torch_exactly_so_pip_never_resolves_a_newer_build():
 
 def test_make_test_installs_the_serve_extra_and_chromium_for_the_browser_test():
     makefile = (REPO / "Makefile").read_text()
-    assert '".[dev,slurm,serve]"' in makefile
+    assert re.search(r'-e "\.\[[a-z,]*\bserve\b[a-z,]*\]"', makefile)
     assert re.search(r"^test: .*\bbrowser\b", makefile, re.M)
     assert "apt-get install -y -q chromium" in makefile
+
+
+def test_make_installs_the_bench_extra_and_registers_the_lm_eval_model():
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r'-e "\.\[[a-z,]*\bbench\b[a-z,]*\]"', makefile)
+    assert "python -m ldm.benchmark.plugin" in makefile

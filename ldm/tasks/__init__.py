@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from ldm.errors import LdmError
 
 # Only tasks that really work are listed here.
-TASKS = ("prepare", "pretrain", "sft", "sample", "chain", "evaluate", "compare", "serve")
+TASKS = ("prepare", "pretrain", "sft", "sample", "chain", "evaluate", "compare", "serve",
+         "benchmark")
 
 log = logging.getLogger("ldm")
 

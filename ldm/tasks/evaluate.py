@@ -110,8 +110,9 @@ def print_summary(metrics: Dict[str, float], headline: str, lower_better: bool) 
     table = Table(title="evaluation")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    counts = ("rows", "examples", "answer_tokens", "maskable_tokens")
     for key, value in metrics.items():
-        table.add_row(key, f"{int(value):,}" if key in ("rows", "examples") else f"{value:,.4f}")
+        table.add_row(key, f"{int(value):,}" if key in counts else f"{value:,.4f}")
     Console().print(table)
     print(f"headline {headline} = {metrics.get(headline, float('nan')):.4f} "
           f"({'lower' if lower_better else 'higher'} is better)")

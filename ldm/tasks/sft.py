@@ -76,7 +76,7 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
 
 
 def run(cfg: DictConfig) -> float:
-    """Finetune on chat data and export; return the final held-out answer NELBO per token."""
+    """Finetune on chat data and export; return the final held-out NELBO per maskable token."""
     from ldm.train.data import chat_collate
 
     # the settings of the samples taken at each evaluation, checked before anything trains

@@ -305,4 +305,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
         print(f"export: {export_dir}")
         print(f"held-out NELBO/token {final.get('eval_nelbo', float('nan')):.4f}, "
               f"perplexity bound {final.get('eval_ppl_bound', float('nan')):.2f}")
+        if "eval_answer_nelbo" in final:  # chat rows: the same without the EOS padding
+            print(f"answer tokens only (EOS padding excluded): NELBO/token "
+                  f"{final['eval_answer_nelbo']:.4f}, perplexity bound "
+                  f"{final['eval_answer_ppl_bound']:.2f}")
     return float(final.get("eval_nelbo", float("nan")))

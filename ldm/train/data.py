@@ -80,18 +80,26 @@ def chat_collate(pad_id: int):
         ids, masks = rows["input_ids"], rows["answer_mask"]
         if isinstance(ids, np.ndarray) and ids.dtype != object and ids.ndim == 2:
             # fixed rows, EOS-padded: every position is a real token (LLaDA SFT)
-            return {"input_ids": torch.as_tensor(ids.astype(np.int64), device=device),
-                    "maskable": torch.as_tensor(masks.astype(bool), device=device),
-                    "attention_mask": None}
+            maskable = masks.astype(bool)
+            out = {"input_ids": torch.as_tensor(ids.astype(np.int64), device=device),
+                   "maskable": torch.as_tensor(maskable, device=device),
+                   "attention_mask": None}
+            if "length" in rows:
+                # the answer proper: maskable tokens before the row's EOS padding
+                before = np.arange(ids.shape[1])[None, :] < np.asarray(rows["length"])[:, None]
+                out["answer"] = torch.as_tensor(maskable & before, device=device)
+            return out
         width = max(len(r) for r in ids)
         batch = np.full((len(ids), width), pad_id, dtype=np.int64)
         maskable = np.zeros((len(ids), width), dtype=bool)
         attention = np.zeros((len(ids), width), dtype=np.int64)
         for i, (row, mask) in enumerate(zip(ids, masks)):
             batch[i, :len(row)], maskable[i, :len(row)], attention[i, :len(row)] = row, mask, 1
-        return {"input_ids": torch.as_tensor(batch, device=device),
-                "maskable": torch.as_tensor(maskable, device=device),
-                "attention_mask": torch.as_tensor(attention, device=device)}
+        maskable_t = torch.as_tensor(maskable, device=device)
+        # unpadded rows hold no EOS padding: every maskable token is an answer token
+        return {"input_ids": torch.as_tensor(batch, device=device), "maskable": maskable_t,
+                "attention_mask": torch.as_tensor(attention, device=device),
+                "answer": maskable_t}
     return collate
 
 

@@ -33,6 +33,8 @@ PREPARE_TEXT = ["task=prepare", *TINY, "dataset=local_text", "tracking=off"]
 PREPARE_CHAT = ["task=prepare", *TINY, "dataset=local_chat", "init_from={export}", "tracking=off"]
 SAMPLE = ["task=sample", "checkpoint={chat}", "sampler.max_new_tokens=8", "sampler.steps=8",
           "sampler.block_length=8", "tracking=off"]
+BENCH = ["task=benchmark", *TINY, "dataset=local_text", "{corpus}", "paths.data={data}",
+         "checkpoint={export}", "tracking=off"]
 SERVE = ["task=serve", "checkpoint={chat}", "tracking=off"]
 LONG_PROMPT = "prompt='" + " ".join(["the king spoke to the queen"] * 40) + "'"
 # pretrain on other files than the prepared corpus ({corpus} left out)
@@ -142,6 +144,17 @@ CASES = [
     case("resume_other_architecture",
          [*PRETRAIN, "model.arch.hidden_size=48", "task.resume_from={ckpt}"],
          "step-0000002", "architecture"),
+    # --- benchmarks (task=benchmark) -------------------------------------------------------------
+    case("benchmark_unknown_suite", [*BENCH, "benchmark=squad_v9"], "benchmark/squad_v9",
+         "offline", kind="hydra"),
+    case("benchmark_unknown_task", [*BENCH, "benchmark.tasks=[squad]"], "'squad'", "cloze"),
+    case("benchmark_hub_suite_offline", [*BENCH, "benchmark=bert_chat"], "benchmark=bert_chat",
+         "benchmark=offline"),
+    case("benchmark_checkpoint_not_an_export", [*BENCH, "checkpoint={files}"], "not an export",
+         "outputs/models"),
+    case("benchmark_mc_num_zero", [*BENCH, "benchmark.mc_num=0"], "benchmark.mc_num=0", ">= 1"),
+    case("benchmark_passage_beyond_positions", [*BENCH, "benchmark.context_words=150"],
+         "benchmark.context_words=150", "128 positions"),
     # --- issue 12: data identity, settings checked before anything is written, sample runs ---
     case("pretrain_on_files_never_prepared",
          [*PRETRAIN_OTHER, "dataset.paths=[{files}/other.txt]"], "no prepared data",

@@ -1,0 +1,172 @@
+"""task=benchmark and `lm_eval --model ldm` end to end on tiny exports; suite validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, compose_config, run_cli, write_corpus
+from ldm.errors import ConfigError, HubUnavailableError
+
+TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=48",
+        "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=2",
+        "model.arch.intermediate_size=96", "model.max_positions=128", "context=ctx64"]
+CHAT = ["dataset=synthetic_tasks", "dataset.max_documents=240", "dataset.task_types=[copy,max]"]
+SMALL = ["benchmark.max_items=10", "benchmark.mc_num=2", "benchmark.context_words=16",
+         "benchmark.continuation_words=4"]
+SAMPLER = ["sampler.max_new_tokens=8", "sampler.block_length=8"]
+
+
+def _prepare(outputs, *overrides):
+    from ldm.tasks import prepare as task
+
+    task.run(compose_config(["task=prepare", "tracking=off", *overrides], outputs=outputs))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(outputs, text overrides, pretraining export, SFT export), text and chat data prepared."""
+    root = tmp_path_factory.mktemp("benchmark")
+    corpus = write_corpus(root / "corpus", n_docs=12, words=200)
+    outputs = root / "outputs"
+    text = [*TINY, "dataset=local_text", f"dataset.paths=[{corpus}/*.txt]"]
+    _prepare(outputs, *text, "dataset.test_split_pct=0.25")
+    proc = run_cli(["task=pretrain", *text, "task.max_steps=1", "task.global_batch_size=4",
+                    "hardware.micro_batch_size=4", "task.eval_batches=1", "run_name=base",
+                    "tracking=off"], outputs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = outputs / "models" / "base"
+    _prepare(outputs, *TINY, *CHAT, f"init_from={base}")
+    proc = run_cli(["task=sft", *TINY, *CHAT, f"init_from={base}", "task.max_steps=2",
+                    "task.global_batch_size=8", "hardware.micro_batch_size=8", "task.eval_every=0",
+                    "task.eval_batches=1", "task.eval_samples=0", "task.save_every=0",
+                    "tracking=off", "run_name=chat"], outputs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outputs, text, base, outputs / "models" / "chat"
+
+
+@pytest.fixture(scope="module")
+def offline_run(world):
+    """task=benchmark benchmark=offline on the pretraining export, tracked in a local mlflow."""
+    outputs, text, base, _ = world
+    proc = run_cli(["task=benchmark", *text, *SMALL, f"checkpoint={base}", "run_name=offline"],
+                   outputs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outputs / "runs" / "benchmark" / "offline", proc.stdout
+
+
+@pytest.mark.slow
+def test_offline_suite_logs_every_task_metric_to_mlflow_and_writes_the_results_json(world,
+                                                                                   offline_run):
+    from mlflow.tracking import MlflowClient
+
+    from ldm.tracking import local_store_uri
+
+    outputs = world[0]
+    folder, stdout = offline_run
+    results = json.loads((folder / "results.json").read_text())
+    assert set(results["results"]) == {"ldm_cloze", "ldm_choice"}
+    assert results["results"]["ldm_choice"]["acc,none"] >= 0
+    assert "ldm_cloze" in stdout and "lm_eval --model ldm" in stdout
+    client = MlflowClient(tracking_uri=local_store_uri(str(outputs)))
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmark").experiment_id])
+    metrics = run.data.metrics
+    for key in ("ldm_cloze.acc", "ldm_cloze.perplexity", "ldm_choice.acc", "ldm_choice.acc_norm",
+                "seconds_per_loglikelihood"):
+        assert key in metrics, sorted(metrics)
+    assert metrics["ldm_choice.acc"] == results["results"]["ldm_choice"]["acc,none"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
+    assert "benchmark/results.json" in artifacts and "benchmark/samples" in artifacts
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_with_model_ldm_gives_the_same_numbers(world, offline_run, tmp_path):
+    _, _, base, _ = world
+    folder, _ = offline_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "ldm", "--model_args",
+         f"pretrained={base},mc_num=2", "--tasks", "ldm_cloze", "--include_path",
+         str(folder / "tasks"), "--batch_size", "7", "--output_path", str(tmp_path / "out")],
+        cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ldm_cloze" in proc.stdout and "perplexity" in proc.stdout
+    (written,) = list((tmp_path / "out").rglob("results_*.json"))
+    theirs = json.loads(written.read_text())["results"]["ldm_cloze"]
+    ours = json.loads((folder / "results.json").read_text())["results"]["ldm_cloze"]
+    # another batch size, another process: the same estimates
+    assert theirs["perplexity,none"] == pytest.approx(ours["perplexity,none"], rel=1e-6)
+    assert theirs["acc,none"] == ours["acc,none"]
+
+
+@pytest.mark.slow
+def test_synthetic_suite_gives_the_answers_and_exact_match_of_task_evaluate(world):
+    from ldm.tasks import benchmark, evaluate
+
+    outputs, _, _, chat = world
+    common = [*TINY, *CHAT, *SAMPLER, f"checkpoint={chat}", "tracking=off"]
+    evaluate.run(compose_config(["task=evaluate", *common, "task.max_examples=6",
+                                 "task.max_rows=4", "task.t_grid=2", "task.mc_samples=1",
+                                 "run_name=ev"], outputs=outputs))
+    got = benchmark.run(compose_config(["task=benchmark", *common, "benchmark=synthetic",
+                                        "benchmark.max_items=6", "run_name=bm"],
+                                       outputs=outputs))
+    ev_folder = outputs / "runs" / "evaluate" / "ev" / "eval"
+    records = [json.loads(x) for x in (ev_folder / "results.jsonl").read_text().splitlines()]
+    bm_folder = outputs / "runs" / "benchmark" / "bm"
+    samples = [json.loads(x) for x in
+               (bm_folder / "samples_ldm_synthetic.jsonl").read_text().splitlines()]
+    samples.sort(key=lambda s: s["doc_id"])
+    assert len(records) == len(samples) == 6
+    assert [s["doc"]["answer"] for s in samples] == [r["reference"] for r in records]
+    assert [s["resps"][0][0] for s in samples] == [r["answer"] for r in records]
+    metrics = json.loads((ev_folder / "metrics.json").read_text())
+    assert got == pytest.approx(metrics["exact_match"])
+
+
+def _config(*overrides):
+    return compose_config(["task=benchmark", "tracking=off", *overrides])
+
+
+@pytest.mark.parametrize("suite", ["bert_chat", "llada_base"])
+def test_hub_suite_offline_fails_within_seconds_naming_the_offline_suites(suite, monkeypatch,
+                                                                          tmp_path):
+    from ldm import hub
+    from ldm.tasks import benchmark
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_reachable.cache_clear()
+    began = time.monotonic()
+    with pytest.raises(HubUnavailableError, match="benchmark=offline"):
+        benchmark.run(_config(f"benchmark={suite}", f"checkpoint={tmp_path}"))
+    assert time.monotonic() - began < 60  # no network wait: the probe answers at once offline
+    hub.hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["benchmark.tasks=[squad]"], "unknown offline task 'squad'"),
+    (["benchmark.tasks=[]"], "benchmark.tasks is empty"),
+    (["benchmark.mc_num=0"], "mc_num=0"),
+    (["benchmark.limit=0"], "benchmark.limit=0"),
+    (["+benchmark.num_fewshot.piqa=5"], "'piqa'"),
+    (["dataset=construction_faq"], "chat data"),
+    (["benchmark=synthetic"], "dataset=synthetic_tasks"),
+    (["sampler.block_length=5"], "block_length=5"),
+])
+def test_bad_suite_settings_are_refused_before_anything_loads(overrides, message):
+    from ldm.tasks.benchmark import check_suite_data, validate
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        cfg = _config(*overrides)
+        validate(cfg)
+        check_suite_data(cfg)
+
+
+def test_every_benchmark_option_composes_and_names_its_tasks():
+    for suite in ("offline", "synthetic", "bert_chat", "llada_base"):
+        cfg = _config(f"benchmark={suite}")
+        assert cfg.benchmark.name == suite and len(cfg.benchmark.tasks) >= 1
+    assert list(_config().benchmark.tasks) == ["cloze", "choice"]
