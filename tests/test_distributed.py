@@ -320,8 +320,13 @@ def _error(proc) -> str:
 
 
 def test_launch_with_fewer_processes_than_hardware_num_processes_is_refused(prepared):
+    # Under a launcher (WORLD_SIZE set) ldm starts nothing itself, so a launched world smaller
+    # than the preset's layout is an error; a plain `python run.py` starts the layout instead
+    # (tests/test_recipes.py).
     outputs, paths = prepared
-    line = _error(run_cli([*TRAIN, *TWO, paths, "tracking=off"], outputs))
+    launcher = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port())}
+    line = _error(run_cli([*TRAIN, *TWO, paths, "tracking=off"], outputs, env_extra=launcher))
     assert "hardware.num_processes=2" in line and "launched as 1 process(es)" in line
 
 
