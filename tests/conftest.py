@@ -57,6 +57,17 @@ def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus")
 
 
+def default_sigint() -> None:
+    """Give a child process the default SIGINT handling (Ctrl-C raises KeyboardInterrupt).
+
+    A shell starts background jobs with SIGINT ignored and children inherit that, so Python
+    would never see the Ctrl-C a test sends; pass this as Popen's preexec_fn.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(args, outputs: Path, timeout: int = 300, env_extra=None):
     """Run `python run.py ARGS` with outputs under `outputs`; return the CompletedProcess."""
     env = dict(os.environ)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, default_sigint
 from test_sample_task import SMALL, make_export
 
 
@@ -91,7 +91,8 @@ def test_sigint_stops_an_answer_then_leaves_at_the_prompt_and_the_mlflow_run_fin
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "run.py"), "task=sample", f"checkpoint={chat_export}",
          "interactive=true", "run_name=ctrl-c", *SMALL], cwd=REPO, env=env,
-        stdin=subprocess.PIPE, stdout=open(out, "w"), stderr=open(err, "w"), text=True)
+        stdin=subprocess.PIPE, stdout=open(out, "w"), stderr=open(err, "w"), text=True,
+        preexec_fn=default_sigint)
     try:
         wait_for(lambda: "Ctrl-D to leave" in out.read_text(), what="the banner")
         proc.stdin.write("first question\n")

@@ -246,7 +246,7 @@ def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, default_sigint
 
     export = make_export(tmp_path / "chat", chat=True)
     port = free_port()
@@ -255,7 +255,8 @@ def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
         [sys.executable, str(REPO / "run.py"), "task=serve", f"checkpoint={export}",
          f"serve.port={port}", "sampler=fast", "sampler.max_new_tokens=16", "sampler.block_length=16",
          "tracking=off"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=default_sigint)
     try:
         lines = []
         for line in proc.stdout:
