@@ -74,6 +74,7 @@ def generate_batch(model_fn, tok, prompts: List[List[int]], settings: SamplerSet
     """Sample one answer per prompt; return {tokens, text, nfe, seconds} per prompt."""
     import torch
 
+    from ldm.sampling.decode import never_emitted_ids
     from ldm.sampling.sampler import generate
 
     calls = torch.zeros(len(prompts), dtype=torch.long)
@@ -84,7 +85,7 @@ def generate_batch(model_fn, tok, prompts: List[List[int]], settings: SamplerSet
 
     began = time.perf_counter()
     result = generate(model_fn, prompts, settings, mask_id=mask_id, eos_id=tok.eos_token_id,
-                      special_ids=tok.all_special_ids, pad_id=tok.pad_token_id,
+                      special_ids=never_emitted_ids(tok), pad_id=tok.pad_token_id,
                       generator=torch.Generator().manual_seed(seed), device=device,
                       record_history=False, on_step=count)
     seconds = time.perf_counter() - began

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from ldm.errors import ConfigError, LdmError
+from ldm.sampling.decode import never_emitted_ids
 from ldm.sampling.infill import infill
 from ldm.sampling.prompts import check_prompt_text, encode_infill, parse_infill
 from ldm.sampling.render import TokenPieces, clean_answer, step_title
@@ -53,11 +54,11 @@ class Engine:
 
     def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int,
                  max_positions: Optional[int] = None, device="cpu", seed: int = 0,
-                 system: Optional[str] = None):
+                 system: Optional[str] = None, vocab_size: Optional[int] = None):
         self.model_fn, self.tok, self.mask_id = model_fn, tok, mask_id
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.max_positions, self.device, self.seed, self.system = max_positions, device, seed, system
-        banned = set(tok.all_special_ids)
+        banned = set(never_emitted_ids(tok, vocab_size))
         try:  # chat turn tokens are special in our exports; never emit them
             banned |= set(chat_token_ids(tok).values())
         except ConfigError:

@@ -132,7 +132,7 @@ def run(cfg: DictConfig) -> float:
                               vocab_size=len(tok), device=device)
     engine = Engine(hf_logits_fn(model), tok, mask_id=mask_id,
                     max_positions=export.max_positions, device=device, seed=cfg.seed,
-                    system=cfg.task.system)
+                    system=cfg.task.system, vocab_size=model.config.vocab_size)
     demo = build_app(engine, presets, start.name, title=Path(export.where).name,
                      concurrency=cfg.serve.concurrency, max_queue=cfg.serve.max_queue)
     if not is_loopback(host):
