@@ -263,9 +263,9 @@ def synthetic_examples(manifest: dict, tok, prompts: List[List[int]], data_dir: 
 def prompts_in_training(manifest: dict) -> set:
     """Return the user prompts of a synthetic data set's training split (regenerated).
 
-    A small generator space repeats prompts (max and sort draw 3 numbers of 0..99 at difficulty
-    1; the made-up words of copy, reverse and count rarely repeat): a held-out prompt may also be
-    a training prompt, and the summary counts those apart.
+    A small generator space repeats prompts (copy combines words of a short list; max and sort
+    draw 3 numbers of 0..99 at difficulty 1; the made-up words of reverse and count rarely
+    repeat): a held-out prompt may also be a training prompt, and the summary counts those apart.
     """
     from ldm.data import synthetic
     from ldm.data.pretrain import split_of

@@ -5,7 +5,7 @@ CPU with a character-level tokenizer: at every difficulty, prompts are under 60 
 answers under 30. Difficulty is an integer in 1..MAX_DIFFICULTY and sets the size of each task:
 
   task     prompt                           answer       size at difficulty d = 1, 2, 3, 4, 5
-  copy     Copy: qel vubo                   qel vubo     words x letters: 2x3-4, 2x4-5, 3x3-4,
+  copy     Copy: frog milk                  frog milk    words x letters: 2x3-4, 2x4-5, 3x3-4,
                                                          3x4-5, 4x3-5
   reverse  Reverse the word: tsoke          ekost        letters: 3-4, 4-5, 5-6, 6-7, 7-9
   count    Count the letter e in: beteno    2            letters of the word, as for reverse
@@ -14,9 +14,11 @@ answers under 30. Difficulty is an integer in 1..MAX_DIFFICULTY and sets the siz
   add      Add 47 and 385.                  432          one operand d + 1 digits, the other
                                                          1..d + 1 digits (order random)
 
-The words of copy, reverse and count are made up: random lowercase letters. A small list of real
-words would make the held-out prompts of these tasks training prompts too (at difficulty 1 a few
-dozen words give a few hundred distinct prompts), so exact match there would measure memory.
+Copy draws its words from WORDS (~120 real words, a phrase of distinct words); reverse and count
+draw made-up words (random lowercase letters). From a small word list their held-out prompts would
+also be training prompts (a few dozen words of 3-4 letters at difficulty 1), so exact match there
+would measure memory; copy's phrases combine words, so most held-out copy prompts at difficulty 1
+are training prompts too, and evaluation reports exact match on the unseen ones apart.
 
 Mixing: example i has task type `task_types[i % len(task_types)]` (round robin, so counts differ
 by at most one) and its own random stream seeded from (seed, i, type, difficulty), so
@@ -46,6 +48,26 @@ TaskTypes = Union[None, str, Sequence[str]]  # None = all of TASK_TYPES; a str =
 GENERATOR_VERSION = 2  # bump when any example for a given (seed, types, difficulty) changes
 MAX_DIFFICULTY = 5
 
+WORDS = (
+    # 3 letters
+    "cat dog sun red box cup hat map pen sky top war oil ice egg arm leg sea toy bus "
+    # 4 letters
+    "tree fish bird rain snow milk door book hand road ship king gold star moon wind lamp coat "
+    "ring frog "
+    # 5 letters
+    "stone apple bread chair house water light plant river smile train horse cloud grass music "
+    "table heart sweet green night "
+    # 6 letters
+    "garden window orange yellow silver winter summer bridge planet forest rabbit castle pencil "
+    "basket doctor butter candle dragon flower mirror "
+    # 7 letters
+    "kitchen blanket chicken morning picture teacher balloon rainbow weather diamond pumpkin "
+    "holiday monster captain freedom journey village lantern thunder cottage "
+    # 8 and 9 letters
+    "elephant mountain sandwich umbrella computer dinosaur notebook princess treasure sunlight "
+    "football chocolate butterfly adventure beautiful crocodile telephone pineapple wonderful"
+).split()
+
 # difficulty -> (words, fewest letters, most letters) for copy
 COPY_SIZES = {1: (2, 3, 4), 2: (2, 4, 5), 3: (3, 3, 4), 4: (3, 4, 5), 5: (4, 3, 5)}
 # difficulty -> (fewest letters, most letters) of the word for reverse and count
@@ -53,6 +75,10 @@ WORD_LENGTHS = {1: (3, 4), 2: (4, 5), 3: (5, 6), 4: (6, 7), 5: (7, 9)}
 ABSENT_LETTER_RATE = 0.2  # share of count prompts whose letter is not in the word (answer 0)
 
 _LIST_SEPARATOR = re.compile(r"\s*,\s*")
+
+
+def _words(lo: int, hi: int) -> List[str]:
+    return [w for w in WORDS if lo <= len(w) <= hi]
 
 
 def _letters(rng: random.Random, lo: int, hi: int) -> str:
@@ -71,9 +97,9 @@ def _join(numbers: Iterable[int]) -> str:
 # --- generators: (rng, difficulty) -> (instruction, answer) -------------------------------------
 
 def make_copy(rng: random.Random, difficulty: int) -> Tuple[str, str]:
-    """Return a copy instruction and its answer, the same made-up words."""
+    """Return a copy instruction and its answer, the same words."""
     n, lo, hi = COPY_SIZES[difficulty]
-    phrase = " ".join(_letters(rng, lo, hi) for _ in range(n))
+    phrase = " ".join(rng.sample(_words(lo, hi), n))
     return f"Copy: {phrase}", phrase
 
 
