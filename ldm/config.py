@@ -135,6 +135,10 @@ class ChainTaskConfig(TaskConfig):
     # (until one stage runs again: every later stage then runs too); false = run every stage
     reuse: bool = True
     env: Dict[str, str] = field(default_factory=dict)  # environment variables set for every stage
+    # stages that run at the same time: a list of lanes, each a list of stage names run in order;
+    # every stage in exactly one lane; empty = one lane of every stage in task.stages order.
+    # Lanes must not read each other's outputs; a lane's stage output goes to a log file.
+    lanes: List[List[str]] = field(default_factory=list)
     # what the summary shows, by stage name: nelbo [before, after], answers, calls [a, b],
     # examples (how many held-out answers to print), exports, chat (see ldm/tasks/chain_summary.py)
     summary: Dict[str, Any] = field(default_factory=dict)
@@ -215,7 +219,12 @@ class DatasetConfig:
     split_seed: int = 0
     # chat datasets (kind: chat)
     answer_turns: str = "all"  # all | last : which assistant turns are answers (maskable)
-    padding: str = "eos"  # eos (pad with EOS, counted as answer, LLaDA) | dynamic (per batch)
+    # eos: pad with EOS to the context length, counted as answer (LLaDA); dynamic: no padding
+    # stored (rows padded per batch, padding never a target); answer: the last answer padded with
+    # EOS to exactly answer_positions tokens, so a row is laid out like the sampler's canvas
+    # (prompt + sampler.max_new_tokens masks) and no longer; set max_new_tokens to the same number
+    padding: str = "eos"
+    answer_positions: Optional[int] = None  # padding=answer: answer + EOS padding, in tokens
     overlong: str = "drop"  # drop | truncate : examples longer than the context
     skip_bad_records: bool = False  # skip and count bad records instead of stopping
     # synthetic_tasks

@@ -263,8 +263,9 @@ def synthetic_examples(manifest: dict, tok, prompts: List[List[int]], data_dir: 
 def prompts_in_training(manifest: dict) -> set:
     """Return the user prompts of a synthetic data set's training split (regenerated).
 
-    The generator draws words from a small list, so some task types repeat prompts (reverse and
-    count always, copy often at difficulty 1): a held-out prompt may also be a training prompt.
+    A small generator space repeats prompts (max and sort draw 3 numbers of 0..99 at difficulty
+    1; the made-up words of copy, reverse and count rarely repeat): a held-out prompt may also be
+    a training prompt, and the summary counts those apart.
     """
     from ldm.data import synthetic
     from ldm.data.pretrain import split_of

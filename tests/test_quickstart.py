@@ -169,6 +169,72 @@ def test_exact_match_on_prompts_not_seen_in_training_counts_only_those():
     assert metrics["exact_match_unseen.copy"] == 0.0 and metrics["exact_match_unseen.max"] == 1.0
 
 
+def test_lanes_run_at_the_same_time_each_in_its_own_order_with_output_in_log_files(
+        make_config, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, {s: [] for s in "abcd"})
+    inner = chain.subprocess.run
+    spans, lock = {}, threading.Lock()
+
+    def timed(command, **kwargs):
+        began = time.perf_counter()
+        kwargs["stdout"].write(f"output of {chain.value_of(command[2:], 'run_name')}\n")
+        time.sleep(0.3)
+        with lock:
+            result = inner(command, **kwargs)
+        spans[ran[-1]] = (began, time.perf_counter())
+        return result
+
+    monkeypatch.setattr(chain.subprocess, "run", timed)
+    with open_dict(cfg):
+        cfg.task.lanes = [["a", "b"], ["c", "d"]]
+    chain.run(cfg)
+    assert spans["a"][1] <= spans["b"][0] and spans["c"][1] <= spans["d"][0]
+    assert spans["a"][0] < spans["c"][1] and spans["c"][0] < spans["a"][1]  # a and c overlap
+    logs = chain.records_dir(cfg).parent / "logs"
+    assert (logs / "b.log").read_text() == "output of b\n"
+    chain.run(cfg)  # every stage finished: all reused, in both lanes
+    assert sorted(ran) == ["a", "b", "c", "d"]
+
+
+def test_a_failing_lane_stops_the_chain_naming_the_stage_and_its_output(
+        make_config, tmp_path, monkeypatch):
+    cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, {s: [] for s in "abc"})
+    inner = chain.subprocess.run
+
+    def failing_a(command, **kwargs):
+        if chain.value_of(command[2:], "run_name") == "a":
+            ran.append("a")
+            kwargs["stdout"].write("error: the data folder is missing\n")
+            return subprocess.CompletedProcess(command, 2)
+        return inner(command, **kwargs)
+
+    monkeypatch.setattr(chain.subprocess, "run", failing_a)
+    with open_dict(cfg):
+        cfg.task.lanes = [["a", "b"], ["c"]]
+    with pytest.raises(chain.LdmError, match="stage 'a' failed.*\n.*the data folder is missing"):
+        chain.run(cfg)
+    assert "b" not in ran  # a's lane stopped at its failure
+
+
+@pytest.mark.parametrize("lanes, message", [
+    ([["a", "b"]], "leaves out stage\\(s\\) c"),
+    ([["a", "b"], ["b", "c"]], "names stage 'b' twice"),
+    ([["a", "b", "c", "x"]], "names stage 'x', which task.stages does not have"),
+    ([["a", "b", "c"], []], "must be a non-empty list"),
+])
+def test_lanes_must_name_every_stage_exactly_once_before_any_stage_runs(
+        make_config, tmp_path, monkeypatch, lanes, message):
+    cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, {s: [] for s in "abc"})
+    with open_dict(cfg):
+        cfg.task.lanes = lanes
+    with pytest.raises(chain.ConfigError, match=message):
+        chain.run(cfg)
+    assert ran == []
+
+
 def test_a_summary_that_names_a_missing_stage_fails_before_any_stage_runs(
         make_config, tmp_path, monkeypatch):
     cfg, ran = fake_chain(make_config, tmp_path, monkeypatch, {"a": []})

@@ -152,6 +152,54 @@ def test_dynamic_padding_stores_unpadded_rows_with_their_length(built):
     assert manifest["counts"]["padding_tokens"] == 0
 
 
+def test_answer_padding_lays_each_row_out_as_the_prompt_plus_exactly_the_answer_area(tmp_path, tok):
+    convs = random_conversations(40, seed=3, max_words=6)
+    final, manifest = build(tmp_path, tok, convs, padding="answer", answer_positions=24)
+    assert manifest["padding"] == "answer" and manifest["answer_positions"] == 24
+    padding = 0
+    for r in rows(final):
+        ids, mask, n = list(r["input_ids"]), list(r["answer_mask"]), r["length"]
+        start = max(i for i, m in enumerate(mask) if m == 0) + 1  # where the last answer begins
+        assert len(ids) == start + 24  # like the sampler's canvas: prompt + 24 masks
+        assert all(m == 1 for m in mask[start:]) and ids[n - 1] == tok.eos_token_id
+        assert all(t == tok.eos_token_id for t in ids[n:])
+        padding += len(ids) - n
+    assert manifest["counts"]["padding_tokens"] == padding > 0
+
+
+def test_answer_padding_drops_an_answer_longer_than_the_area_or_cuts_it(tmp_path, tok):
+    long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 30}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    _, dropped = build(tmp_path, tok, [long, short] * 4, name="d", padding="answer",
+                       answer_positions=8)
+    assert dropped["counts"]["dropped_overlong"] == 4 and dropped["counts"]["kept"] == 4
+    final, cut = build(tmp_path, tok, [long, short] * 4, name="t", padding="answer",
+                       answer_positions=8, overlong="truncate")
+    assert cut["counts"]["truncated"] == 4
+    assert {len(r["input_ids"]) - r["length"] for r in rows(final)} >= {0}
+
+
+@pytest.mark.parametrize("value", [None, 1, 96, 2.5, True])
+def test_answer_padding_needs_answer_positions_below_the_context_length(tmp_path, tok, value):
+    with pytest.raises(ConfigError, match="dataset.answer_positions, an integer in 2..95"):
+        build(tmp_path, tok, random_conversations(4), padding="answer", answer_positions=value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_collate_of_answer_padded_rows_excludes_the_padding_from_the_answer_tokens(tmp_path, tok):
+    from ldm.train.data import chat_collate
+
+    final, _ = build(tmp_path, tok, random_conversations(12, seed=1, max_words=4),
+                     padding="answer", answer_positions=20)
+    split = load_split(final, "train").with_format("numpy")
+    batch = chat_collate(tok.pad_token_id)(split[:4], "cpu")
+    lengths = split[:4]["length"]
+    for i, n in enumerate(lengths):
+        answer = batch["answer"][i].nonzero().flatten().tolist()
+        maskable = batch["maskable"][i].nonzero().flatten().tolist()
+        assert answer and max(answer) == n - 1 and set(answer) < set(maskable)
+
+
 def test_ids_use_the_smallest_dtype_and_the_mask_is_uint8(built):
     final, manifest = built[1]["eos"]
     features = load_split(final, "train").features

@@ -8,7 +8,11 @@ turns and the role headers are 0: prompt tokens are never masked.
 
 Layout on disk (read with `ldm.data.store.load_split`): `<final>/{train,test}/shard-*.arrow`
 with columns `input_ids` (id dtype), `answer_mask` (uint8), `length` (tokens before padding);
-padding="eos" stores fixed-size rows of context_length, padding="dynamic" unpadded rows.
+padding="eos" stores fixed-size rows of context_length, padding="dynamic" unpadded rows,
+padding="answer" rows of the prompt plus exactly `answer_positions` answer tokens (the last answer,
+its EOS and EOS padding, all maskable): a row then looks like the sampler's canvas (prompt +
+max_new_tokens masks), which a small model needs in order to place its answer (measured in
+benchmarks/RESULTS.md, "make quickstart").
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ldm.tokenizer import (ANSWER_TURNS, CHAT_TOKENS, add_chat_template, check_m
 
 log = logging.getLogger(__name__)
 
-PADDINGS = ("eos", "dynamic")
+PADDINGS = ("eos", "dynamic", "answer")
 OVERLONG = ("drop", "truncate")
 Example = Tuple[np.ndarray, np.ndarray]
 
@@ -41,6 +45,52 @@ def trim_to_last_answer(messages: List[dict]) -> List[dict]:
     """Return `messages` without the turns after the last assistant turn (they teach nothing)."""
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
     return list(messages[: last + 1])
+
+
+def check_answer_positions(padding: str, answer_positions, context_length: int) -> None:
+    """Raise ConfigError unless answer_positions suits the padding (needed only by "answer")."""
+    if padding != "answer":
+        return
+    if (not isinstance(answer_positions, int) or isinstance(answer_positions, bool)
+            or not 2 <= answer_positions < context_length):
+        raise ConfigError(f"dataset.padding=answer needs dataset.answer_positions, an integer in "
+                          f"2..{context_length - 1} (the answer and its EOS padding, in tokens, "
+                          f"below the context length {context_length}); got {answer_positions!r}")
+
+
+def canvas_mismatch(padding: Optional[str], answer_positions: Optional[int],
+                    max_new_tokens: int) -> Optional[str]:
+    """Return a warning when the sampler's canvas differs from the answer area trained on."""
+    if padding != "answer" or answer_positions == max_new_tokens:
+        return None
+    return (f"the model was trained with answers padded to {answer_positions} tokens "
+            f"(dataset.padding=answer) but sampler.max_new_tokens={max_new_tokens}: a canvas "
+            f"laid out unlike the training rows; set sampler.max_new_tokens={answer_positions}")
+
+
+def last_answer_start(mask: np.ndarray) -> int:
+    """Return the index where the last answer span (the tail of 1s in `mask`) begins."""
+    prompt = np.flatnonzero(mask == 0)
+    return int(prompt[-1]) + 1 if len(prompt) else 0
+
+
+def fit_answer_area(ids: np.ndarray, mask: np.ndarray, context_length: int, answer_positions: int,
+                    overlong: str) -> Tuple[Optional[Example], str, int]:
+    """Return ((ids, mask) or None, outcome, row length) for padding="answer".
+
+    The row is the prompt plus exactly `answer_positions` answer tokens: the answer and its EOS,
+    then EOS padding. An answer longer than that is dropped (or cut, overlong="truncate"); a
+    prompt that leaves no room for the answer area within the context is dropped.
+    """
+    start = last_answer_start(mask)
+    row = start + answer_positions
+    if row > context_length:
+        return None, "dropped_overlong", row
+    if len(ids) <= row:
+        return (ids, mask), "kept", row
+    if overlong == "drop":
+        return None, "dropped_overlong", row
+    return (ids[:row], mask[:row]), "truncated", row
 
 
 def fit_example(ids: np.ndarray, mask: np.ndarray, context_length: int, overlong: str
@@ -77,10 +127,10 @@ class ExampleWriter:
         self.shard, self.in_shard, self.sink, self.writer = 0, 0, None, None
         self.pending: List[Tuple[np.ndarray, np.ndarray, int]] = []
 
-    def write(self, ids: np.ndarray, mask: np.ndarray) -> int:
-        """Queue one example; return the number of padding tokens it got."""
+    def write(self, ids: np.ndarray, mask: np.ndarray, pad_to: Optional[int] = None) -> int:
+        """Queue one example (padded to `pad_to` tokens, or the fixed length); return the padding."""
         real = len(ids)
-        extra = self.length - real if self.length else 0
+        extra = (self.length or pad_to or real) - real
         if extra:
             ids = np.concatenate([ids, np.full(extra, self.pad_id, dtype=ids.dtype)])
             mask = np.concatenate([mask, np.ones(extra, dtype=np.uint8)])
@@ -193,6 +243,7 @@ def build_sft_data(
     answer_turns: str = "all",
     padding: str = "eos",
     overlong: str = "drop",
+    answer_positions: Optional[int] = None,
     num_workers: int = 1,
     batch_size: int = 256,
     max_examples: Optional[int] = None,
@@ -217,6 +268,7 @@ def build_sft_data(
                           "load the pretrained model's tokenizer with ldm.tokenizer.load_tokenizer")
     if context_length < 2:
         raise ConfigError(f"context_length={context_length} is too short for a chat example")
+    check_answer_positions(padding, answer_positions, context_length)
     started = time.perf_counter()
     tokenizer = add_chat_template(tokenizer)
     with atomic_folder(final) as tmp:
@@ -241,7 +293,12 @@ def build_sft_data(
                 if unk_id is not None:
                     st["unknown_tokens"] += int(np.count_nonzero(ids == unk_id))
                 st["longest"] = max(st["longest"], len(ids))
-                fitted, outcome = fit_example(ids, mask, context_length, overlong)
+                pad_to = None
+                if padding == "answer":
+                    fitted, outcome, pad_to = fit_answer_area(ids, mask, context_length,
+                                                              answer_positions, overlong)
+                else:
+                    fitted, outcome = fit_example(ids, mask, context_length, overlong)
                 if fitted is None:
                     st[outcome] += 1
                     continue
@@ -251,7 +308,7 @@ def build_sft_data(
                 answer = int(mask.sum())
                 st["answer_tokens"] += answer
                 st["prompt_tokens"] += len(ids) - answer
-                pad = writers[split].write(ids, mask)
+                pad = writers[split].write(ids, mask, pad_to)
                 st["padding_tokens"] += pad
                 st["stored_tokens"] += len(ids) + pad
             bar.update(len(examples))
@@ -274,10 +331,13 @@ def build_sft_data(
         manifest = {
             **(manifest_extra or {}),
             "kind": "chat", "context_length": context_length, "padding": padding,
+            **({"answer_positions": answer_positions} if padding == "answer" else {}),
             "overlong": overlong, "answer_turns": answer_turns,
             "answer_mask": ("1 on assistant text + its EOS"
                             + (" (last assistant turn only)" if answer_turns == "last" else "")
                             + (" + the EOS padding" if padding == "eos" else "")
+                            + (f" + the EOS padding to {answer_positions} answer tokens"
+                               if padding == "answer" else "")
                             + "; 0 on system/user turns and role headers"),
             "columns": ["input_ids", "answer_mask", "length"],
             "test_split_pct": test_split_pct, "split_seed": split_seed, "dtype": dtype,

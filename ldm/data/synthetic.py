@@ -5,14 +5,18 @@ CPU with a character-level tokenizer: at every difficulty, prompts are under 60 
 answers under 30. Difficulty is an integer in 1..MAX_DIFFICULTY and sets the size of each task:
 
   task     prompt                           answer       size at difficulty d = 1, 2, 3, 4, 5
-  copy     Copy: frog milk                  frog milk    words x letters: 2x3-4, 2x4-5, 3x3-4,
+  copy     Copy: qel vubo                   qel vubo     words x letters: 2x3-4, 2x4-5, 3x3-4,
                                                          3x4-5, 4x3-5
-  reverse  Reverse the word: stone          enots        letters: 3-4, 4-5, 5-6, 6-7, 7-9
-  count    Count the letter e in: between   3            letters of the word, as for reverse
+  reverse  Reverse the word: tsoke          ekost        letters: 3-4, 4-5, 5-6, 6-7, 7-9
+  count    Count the letter e in: beteno    2            letters of the word, as for reverse
   sort     Sort ascending: 9, 2, 41, 7      2, 7, 9, 41  d + 2 distinct numbers in 0..99
   max      Largest of: 12, 7, 55            55           d + 2 distinct numbers in 0..99
   add      Add 47 and 385.                  432          one operand d + 1 digits, the other
                                                          1..d + 1 digits (order random)
+
+The words of copy, reverse and count are made up: random lowercase letters. A small list of real
+words would make the held-out prompts of these tasks training prompts too (at difficulty 1 a few
+dozen words give a few hundred distinct prompts), so exact match there would measure memory.
 
 Mixing: example i has task type `task_types[i % len(task_types)]` (round robin, so counts differ
 by at most one) and its own random stream seeded from (seed, i, type, difficulty), so
@@ -22,8 +26,6 @@ Checking: surrounding whitespace is ignored, and for sort whitespace around the 
 ("2,7 , 9" == "2, 7, 9"). Everything else must match the reference character for character: no
 leading zeros, no extra words, no trailing period, no other separator.
 
-The word tasks draw from WORDS (~120 words), so at low difficulty their prompts repeat across a
-few thousand examples: a held-out split shares prompts with training for reverse and count.
 """
 
 from __future__ import annotations
@@ -41,28 +43,8 @@ Maker = Callable[[random.Random, int], Tuple[str, str]]
 Checker = Callable[[str, str], bool]
 TaskTypes = Union[None, str, Sequence[str]]  # None = all of TASK_TYPES; a str = that one type
 
-GENERATOR_VERSION = 1  # bump when any example for a given (seed, types, difficulty) changes
+GENERATOR_VERSION = 2  # bump when any example for a given (seed, types, difficulty) changes
 MAX_DIFFICULTY = 5
-
-WORDS = (
-    # 3 letters
-    "cat dog sun red box cup hat map pen sky top war oil ice egg arm leg sea toy bus "
-    # 4 letters
-    "tree fish bird rain snow milk door book hand road ship king gold star moon wind lamp coat "
-    "ring frog "
-    # 5 letters
-    "stone apple bread chair house water light plant river smile train horse cloud grass music "
-    "table heart sweet green night "
-    # 6 letters
-    "garden window orange yellow silver winter summer bridge planet forest rabbit castle pencil "
-    "basket doctor butter candle dragon flower mirror "
-    # 7 letters
-    "kitchen blanket chicken morning picture teacher balloon rainbow weather diamond pumpkin "
-    "holiday monster captain freedom journey village lantern thunder cottage "
-    # 8 and 9 letters
-    "elephant mountain sandwich umbrella computer dinosaur notebook princess treasure sunlight "
-    "football chocolate butterfly adventure beautiful crocodile telephone pineapple wonderful"
-).split()
 
 # difficulty -> (words, fewest letters, most letters) for copy
 COPY_SIZES = {1: (2, 3, 4), 2: (2, 4, 5), 3: (3, 3, 4), 4: (3, 4, 5), 5: (4, 3, 5)}
@@ -73,8 +55,9 @@ ABSENT_LETTER_RATE = 0.2  # share of count prompts whose letter is not in the wo
 _LIST_SEPARATOR = re.compile(r"\s*,\s*")
 
 
-def _words(lo: int, hi: int) -> List[str]:
-    return [w for w in WORDS if lo <= len(w) <= hi]
+def _letters(rng: random.Random, lo: int, hi: int) -> str:
+    """Return a random string of lo..hi lowercase letters (a made-up word)."""
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
 
 
 def _numbers(rng: random.Random, difficulty: int) -> List[int]:
@@ -88,21 +71,21 @@ def _join(numbers: Iterable[int]) -> str:
 # --- generators: (rng, difficulty) -> (instruction, answer) -------------------------------------
 
 def make_copy(rng: random.Random, difficulty: int) -> Tuple[str, str]:
-    """Return a copy instruction and its answer, the same words."""
+    """Return a copy instruction and its answer, the same made-up words."""
     n, lo, hi = COPY_SIZES[difficulty]
-    phrase = " ".join(rng.sample(_words(lo, hi), n))
+    phrase = " ".join(_letters(rng, lo, hi) for _ in range(n))
     return f"Copy: {phrase}", phrase
 
 
 def make_reverse(rng: random.Random, difficulty: int) -> Tuple[str, str]:
     """Return a reverse-the-word instruction and its answer, the letters backwards."""
-    word = rng.choice(_words(*WORD_LENGTHS[difficulty]))
+    word = _letters(rng, *WORD_LENGTHS[difficulty])
     return f"Reverse the word: {word}", word[::-1]
 
 
 def make_count(rng: random.Random, difficulty: int) -> Tuple[str, str]:
     """Return a count-the-letter instruction and its answer, the number of occurrences."""
-    word = rng.choice(_words(*WORD_LENGTHS[difficulty]))
+    word = _letters(rng, *WORD_LENGTHS[difficulty])
     if rng.random() < ABSENT_LETTER_RATE:
         letter = rng.choice(sorted(set(string.ascii_lowercase) - set(word)))
     else:

@@ -11,6 +11,10 @@ stage runs, every later stage runs too, since it may read what that stage rewrot
 stage that runs again with other overrides (or with task.reuse=false) starts afresh instead of
 resuming the checkpoints of its previous configuration; one interrupted with the same overrides
 resumes.
+
+Lanes (`task.lanes`): stages that do not read each other's outputs can run at the same time, e.g.
+two pipelines on a 2-core machine, one torch thread each. Each lane is a list of stage names run
+in order (the reuse rule above applies per lane); every stage belongs to exactly one lane.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,50 +155,138 @@ def fresh_start(previous: Optional[dict], args: List[str], reuse: bool) -> List[
     return ["task.resume=false"]
 
 
-def run(cfg: DictConfig) -> float:
-    """Run (or reuse) every stage in order; stop at the first failure; print a summary.
+def stage_lanes(cfg: DictConfig, commands: Dict[str, List[str]]) -> List[List[str]]:
+    """Return the lanes (lists of stage names run in order); ConfigError if task.lanes is bad."""
+    lanes = OmegaConf.to_container(cfg.task.lanes, resolve=True) if cfg.task.get("lanes") else []
+    if not lanes:
+        return [list(commands)]
+    seen: Dict[str, int] = {}
+    for i, lane in enumerate(lanes):
+        if not isinstance(lane, list) or not lane:
+            raise ConfigError(f"task.lanes[{i}] must be a non-empty list of stage names, got {lane!r}")
+        for name in lane:
+            if name not in commands:
+                raise ConfigError(f"task.lanes[{i}] names stage {name!r}, which task.stages does "
+                                  f"not have; stages: {', '.join(commands)}")
+            if name in seen:
+                raise ConfigError(f"task.lanes names stage {name!r} twice (lanes {seen[name]} and "
+                                  f"{i}); put each stage in exactly one lane")
+            seen[name] = i
+    missing = [name for name in commands if name not in seen]
+    if missing:
+        raise ConfigError(f"task.lanes leaves out stage(s) {', '.join(missing)}; put each stage "
+                          "in exactly one lane (or leave task.lanes empty to run them in order)")
+    return lanes
 
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """Return the last `lines` lines of a stage's log file (progress bars cut at their last state)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+
+def run(cfg: DictConfig) -> float:
+    """Run (or reuse) every stage, lane by lane; stop at the first failure; print a summary.
+
+    With one lane (the default) the stages run one after another with their output on the
+    terminal. With several (`task.lanes`) the lanes run at the same time, each in its own thread
+    starting one process per stage, and each stage's output goes to a log file under the chain's
+    run folder; a failure lets the stages already running finish and starts no other.
     Returns the seconds the chain took.
     """
     from rich.console import Console
-    from rich.rule import Rule
 
     console = Console()
     if not console.is_terminal:  # a log file: keep the summary table's rows on one line each
         console = Console(width=160)
     commands = stage_commands(cfg)
     check_summary(cfg, commands)
-    run_py = Path(cfg.paths.root) / "run.py"
+    lanes = stage_lanes(cfg, commands)
     outputs = Path(cfg.paths.outputs)
     records = records_dir(cfg)
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     reused: Dict[str, dict] = {}
-    rerunning = not cfg.task.reuse
+    failures: List[str] = []
+    stop = threading.Event()
     env = {**os.environ, **{k: str(v) for k, v in (cfg.task.env or {}).items()}}
-    for i, (name, args) in enumerate(commands.items(), 1):
-        shown = "python run.py " + " ".join(shlex.quote(a) for a in args[2:])
-        record = records / f"{name}.json"
-        done = None if rerunning else reusable(record, args, outputs)
-        if done is not None:
-            reused[name] = done
-            timings[name] = float(done.get("seconds", 0.0))
-            console.print(f"stage {i}/{len(commands)}: {name}: reused (finished "
-                          f"{done.get('finished', '?')} with the same overrides)",
-                          markup=False, highlight=False)
-            continue
-        rerunning = True
-        extra = fresh_start(read_record(record), args, bool(cfg.task.reuse))
-        write_record(record, args, outputs)
-        console.print(Rule(f"stage {i}/{len(commands)}: {name}"))
-        console.print(shown + "".join(f" {e}" for e in extra), markup=False, highlight=False)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(run_py), *args, *extra], cwd=cfg.paths.root,
-                              env=env)
-        timings[name] = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise LdmError(f"stage {name!r} failed with exit status {proc.returncode}: {shown}")
-        write_record(record, args, outputs, timings[name])
+    order = {name: i for i, name in enumerate(commands, 1)}
+
+    def run_lane(lane: List[str]) -> None:
+        rerunning = not cfg.task.reuse
+        for name in lane:
+            if stop.is_set():
+                return
+            args = commands[name]
+            label = f"stage {order[name]}/{len(commands)}: {name}"
+            record = records / f"{name}.json"
+            done = None if rerunning else reusable(record, args, outputs)
+            if done is not None:
+                reused[name] = done
+                timings[name] = float(done.get("seconds", 0.0))
+                console.print(f"{label}: reused (finished {done.get('finished', '?')} with the "
+                              "same overrides)", markup=False, highlight=False)
+                continue
+            rerunning = True  # a later stage of this lane may read what this one rewrites
+            try:
+                timings[name] = run_stage(cfg, name, label, args, record, env, console,
+                                          log=len(lanes) > 1)
+            except LdmError as err:
+                failures.append(str(err))
+                stop.set()
+                return
+
+    if len(lanes) == 1:
+        run_lane(lanes[0])
+    else:
+        console.print(f"{len(lanes)} lanes at the same time: " + "; ".join(
+            " -> ".join(lane) for lane in lanes), markup=False, highlight=False)
+        threads = [threading.Thread(target=run_lane, args=(lane,), daemon=True) for lane in lanes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise LdmError(failures[0])
     total = time.perf_counter() - started
     print_summary(cfg, commands, timings, reused, total, console)
     return total
+
+
+def run_stage(cfg: DictConfig, name: str, label: str, args: List[str], record: Path,
+              env: Dict[str, str], console, log: bool) -> float:
+    """Run one stage's process; return its seconds; LdmError naming the command if it fails.
+
+    `log`: send the process's output to <chain run folder>/logs/<stage>.log instead of the
+    terminal (lanes running at the same time would interleave their lines).
+    """
+    from rich.rule import Rule
+
+    shown = "python run.py " + " ".join(shlex.quote(a) for a in args[2:])
+    extra = fresh_start(read_record(record), args, bool(cfg.task.reuse))
+    write_record(record, args, Path(cfg.paths.outputs))
+    command = [sys.executable, str(Path(cfg.paths.root) / "run.py"), *args, *extra]
+    t0 = time.perf_counter()
+    if log:
+        log_file = record.parent.parent / "logs" / f"{name}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"{label}: started: {shown}{''.join(f' {e}' for e in extra)}\n"
+                      f"  output: {log_file}", markup=False, highlight=False)
+        with open(log_file, "w") as out:
+            proc = subprocess.run(command, cwd=cfg.paths.root, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    else:
+        console.print(Rule(label))
+        console.print(shown + "".join(f" {e}" for e in extra), markup=False, highlight=False)
+        proc = subprocess.run(command, cwd=cfg.paths.root, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = f"\n{log_tail(log_file)}\n(the whole output: {log_file})" if log else ""
+        raise LdmError(f"stage {name!r} failed with exit status {proc.returncode}: {shown}{tail}")
+    if log:
+        console.print(f"{label}: finished in {seconds:.0f} s", markup=False, highlight=False)
+    write_record(record, args, Path(cfg.paths.outputs), seconds)
+    return seconds

@@ -147,6 +147,13 @@ def run(cfg: DictConfig) -> float:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
     check_prepared_sources(cfg, data_dir, manifest, command)
+    if kind == "chat" and cfg.task.max_examples > 0:
+        from ldm.data.sft import canvas_mismatch
+
+        mismatch = canvas_mismatch(manifest.get("padding"), manifest.get("answer_positions"),
+                                   settings.max_new_tokens)
+        if mismatch:
+            log.warning(mismatch)
     if export.max_positions is not None and cfg.context.length > export.max_positions:
         raise ConfigError(f"context.length={cfg.context.length} exceeds the "
                           f"{export.max_positions} positions of checkpoint={cfg.checkpoint}")

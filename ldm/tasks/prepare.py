@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data import mixture, sources, store
+from ldm.data.sft import PADDINGS, check_answer_positions
 from ldm.data.pretrain import build_pretraining_data
 from ldm.errors import ConfigError
 from ldm.tasks.common import open_tracker
@@ -114,10 +115,11 @@ def mixture_parts(ds: DictConfig) -> list:
 def validate_chat(cfg: DictConfig) -> None:
     """Check the options of a chat dataset before any heavy work."""
     ds = cfg.dataset
-    for key, allowed in (("answer_turns", ("all", "last")), ("padding", ("eos", "dynamic")),
+    for key, allowed in (("answer_turns", ("all", "last")), ("padding", PADDINGS),
                          ("overlong", ("drop", "truncate"))):
         if ds[key] not in allowed:
             raise ConfigError(f"dataset.{key}={ds[key]!r}; accepted: {', '.join(allowed)}")
+    check_answer_positions(ds.padding, ds.get("answer_positions"), cfg.context.length)
     if not cfg.init_from and cfg.model.tokenizer == TRAIN_BPE and not cfg.model.vocab_size:
         raise ConfigError(f"model={cfg.model.name} trains a BPE tokenizer but model.vocab_size is unset")
     for part in ([] if is_mixture(ds) else chat_components(ds)):
@@ -322,6 +324,8 @@ def run_chat(cfg: DictConfig) -> float:
             "context": cfg.context.length, "split_seed": ds.split_seed,
             "test_split_pct": ds.test_split_pct, "answer_turns": ds.answer_turns,
             "padding": ds.padding, "overlong": ds.overlong, "max_documents": ds.max_documents}
+    if ds.padding == "answer":  # a new field only where it matters: other data keeps its fingerprint
+        spec["answer_positions"] = ds.answer_positions
     fp = store.fingerprint(spec)
     if not cfg.task.force and store.is_reusable(final, fp):
         manifest = store.read_manifest(final)
@@ -332,7 +336,7 @@ def run_chat(cfg: DictConfig) -> float:
             conversations, final, tokenizer=tokenizer, context_length=cfg.context.length,
             test_split_pct=ds.test_split_pct, split_seed=ds.split_seed,
             answer_turns=ds.answer_turns, padding=ds.padding, overlong=ds.overlong,
-            num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
+            answer_positions=ds.get("answer_positions"), num_workers=cfg.task.num_workers, batch_size=cfg.task.batch_size,
             max_examples=None if ds.source == "synthetic" else ds.max_documents,
             manifest_extra={"fingerprint": fp, "dataset": ds.name, "source": description,
                             "tokenizer": {"name": cfg.model.tokenizer_name,

@@ -32,6 +32,12 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
         positions = cfg.model.max_positions
         family = cfg.model.architecture if cfg.model.source == "config" else None
     settings = SamplerSettings.from_config(cfg.sampler, positions)
+    from ldm.data.sft import canvas_mismatch
+
+    mismatch = canvas_mismatch(cfg.dataset.padding, cfg.dataset.get("answer_positions"),
+                               settings.max_new_tokens)
+    if mismatch and cfg.task.eval_samples:
+        log.warning(mismatch)
     if family is not None:
         check_cache_family(settings.cache, family)
     return settings

@@ -96,10 +96,12 @@ def chat_collate(pad_id: int):
         for i, (row, mask) in enumerate(zip(ids, masks)):
             batch[i, :len(row)], maskable[i, :len(row)], attention[i, :len(row)] = row, mask, 1
         maskable_t = torch.as_tensor(maskable, device=device)
-        # unpadded rows hold no EOS padding: every maskable token is an answer token
+        answer = maskable
+        if "length" in rows:  # rows may hold EOS padding of their own (padding="answer")
+            answer = maskable & (np.arange(width)[None, :] < np.asarray(rows["length"])[:, None])
         return {"input_ids": torch.as_tensor(batch, device=device), "maskable": maskable_t,
                 "attention_mask": torch.as_tensor(attention, device=device),
-                "answer": maskable_t}
+                "answer": torch.as_tensor(answer, device=device)}
     return collate
 
 
