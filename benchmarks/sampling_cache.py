@@ -1,39 +1,47 @@
 """Sampling speed with long few-shot prompts: KV cache, block-only logits, entropy-bounded commits.
 
-    .venv/bin/python benchmarks/sampling_cache.py [--arch bert modernbert] [--short-steps 2000]
-        [--steps 300] [--eval-prompts 32] [--reps 5]
+    .venv/bin/python benchmarks/sampling_cache.py [--arch bert modernbert] [--short-steps 1000]
+        [--steps 400 [60]] [--eval-prompts 16] [--reps 5]
 
 1. Trains a tiny BERT and a tiny ModernBERT (hidden 128, 4 layers, no dropout, a byte-level
    tokenizer of 262 tokens without merges: one token per character, the same whatever text it
    is trained on) with ordinary run.py runs, in two stages, so that the model learns the tasks
-   where a step is cheap and then only has to find them in a long prompt:
+   where a step is cheap and then only has to find them in a long prompt. Both stages use
+   `dataset.padding=answer`: a row is its prompt plus exactly `answer_positions` answer tokens
+   (the answer, its EOS, then EOS padding), laid out like the sampler's canvas (prompt +
+   max_new_tokens masks); rows of different lengths are batched with attention-masked padding.
+   A model this small reads the room left for its answer from where the row ends.
    - stage 1: SFT from scratch on the short synthetic tasks (`dataset=synthetic_tasks`, the
-     `--tasks` types, default copy and count) at ctx48; its exact match on 40 short prompts is
-     printed, to tell an undertrained stage 1 from a stage 2 that did not transfer;
-   - stage 2: SFT at ctx512 from the stage-1 export (`init_from`: its weights, model group and
-     tokenizer, with which the few-shot chats are prepared) on few-shot chats: each user turn
-     holds solved examples of the tasks and then one to solve, and the answer is the synthetic
-     task's exactly checkable one.
-   Every few-shot prompt is 512 - `--max-new` = 448 tokens, so a training row (prompt, answer,
-   EOS padding to 512) is laid out exactly as the sampler's canvas (prompt + 64 masks): a model
-   this small reads the room left for its answer from where the row ends, and answers a shorter
-   canvas with EOS at once. The BERT variant has absolute position embeddings for 1,024
-   positions (modernbert_tiny's max_positions); those past 48 are first trained in stage 2.
-2. In one process, answers the same held-out prompts (canvas = prompt + 64 masks, batched) with
-   each setting: original, llada, fast, fast+prefix, fast+dual, entropy_bound,
-   entropy_bound+dual. Timings are the median of `--reps` (default 5) repetitions, the settings'
-   order alternating between repetitions, with the min-max spread; tokens/s counts the answer
-   positions decoded (committed, EOS padding included) per second. Also reported: exact match
-   (overall and per task), model calls (NFE) per answer and model-equivalent compute per answer
-   (estimated forward FLOPs of the encoder + head over those of one uncached full forward of
-   the canvas).
+     `--tasks` types, default copy and reverse, made-up words) at ctx48 with an answer area of
+     `--short-answer` (12) tokens; its exact match on 40 short prompts (canvas = prompt + 12)
+     is printed, to tell an undertrained stage 1 from a stage 2 that did not transfer. With an
+     answer area of 64 already in stage 1 (ctx128), ModernBERT answered 0 of those 40 prompts
+     right after 800 steps (each row then holds ~55 positions of EOS padding to ~10 of answer).
+     With 12, the quickstart's SFT of the same model learned both tasks in 1,000 steps, but the
+     recorded run's stage 1 (benchmarks/RESULTS.md) answered 0 of 40 with both architectures;
+   - stage 2: SFT from the stage-1 export (`init_from`: its weights, model group and tokenizer,
+     with which the few-shot chats are prepared) on few-shot chats with an answer area of
+     `--max-new` (64) tokens, context 1,024 (the models' positions). Each user turn holds
+     solved examples of the tasks and then one to solve; the prompt is 256-512 tokens (drawn
+     uniformly; leading spaces fill what the examples leave), and the answer is the synthetic
+     task's exactly checkable one. The BERT variant has absolute position embeddings for 1,024
+     positions (modernbert_tiny's max_positions); those past 48 are first trained here.
+2. In one process, answers the same held-out prompts, each `--eval-length` (512) tokens
+   (canvas = prompt + 64 masks, as in training; batched), with each setting: original, llada,
+   fast, fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of
+   `--reps` (default 5) repetitions, the settings' order alternating between repetitions, with
+   the min-max spread; tokens/s counts the answer positions decoded (committed, EOS padding
+   included) per second. Also reported: exact match (overall and per task), model calls (NFE)
+   per answer and model-equivalent compute per answer (estimated forward FLOPs of the encoder +
+   head over those of one uncached full forward of the canvas).
 3. Prints the goals with PASS/FAIL: fast+dual >= 3x the tokens/s of fast at <= 1 point less
    exact match; the best setting >= 15x the tokens/s of original at equal or better exact match.
    Saves accuracy vs tokens/s as sampling_cache.png next to RESULTS.md (`--plot`), the rows as
    results.json under `--outputs`.
 
-`--reuse` skips a stage whose export (same architecture, tasks and step counts) exists. A quick
-end-to-end check of the script (a few minutes, the numbers mean nothing):
+`--reuse` skips a stage whose export (same architecture, tasks, step counts and answer areas)
+exists; `--steps 0` evaluates the stage-1 export. A quick end-to-end check of the script (a few
+minutes, the numbers mean nothing):
     ... sampling_cache.py --short-steps 20 --steps 5 --short-examples 500 --examples 200
         --eval-prompts 2 --batch-eval 2 --reps 1 --outputs /tmp/sc --plot /tmp/sc/plot.png
 """
@@ -55,8 +63,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from sampling_speed import run  # noqa: E402  (runs run.py with LDM_OUTPUTS set)
 
 VOCAB = 262  # byte-level BPE without merges: the same tokenizer whatever text it is trained on
-SHORT = 48  # stage-1 context
-CANVAS = 512  # stage-2 context: prompt + answer
+SHORT = 48  # stage-1 context: a short task prompt + its answer area (--short-answer)
+LONG = 1024  # stage-2 context (the models' positions): rows are at most PROMPTS[1] + --max-new
+PROMPTS = (256, 512)  # few-shot prompt lengths in tokens, chat marks included: stage 2 draws them
+# uniformly; the held-out prompts are --eval-length long (the longest by default)
 # No dropout (ModernBERT's default): BERT's default attention dropout of 0.1 sends attention on
 # CPU down the slow path, a training step at ctx512 4x slower.
 ARCH = ["model.arch.hidden_size=128", "model.arch.num_hidden_layers=4",
@@ -79,11 +89,13 @@ SETTINGS = [  # label, preset, overrides
 CHAT_MARKS = 3  # the user, end and assistant marks around a one-turn prompt's text
 
 
-def few_shot(n: int, seed: int, tasks, chars: int) -> list:
+def few_shot(n: int, seed: int, tasks, lengths) -> list:
     """Return n chat examples: solved examples of random tasks, then one to solve.
 
-    Each user text is exactly `chars` characters (the byte-level tokenizer makes one token of
-    each): solved examples are added while they fit, and leading spaces fill what is left.
+    Each prompt is a length drawn uniformly from `lengths` (lo, hi) tokens, chat marks included;
+    its user text has that length less CHAT_MARKS characters (the byte-level tokenizer makes one
+    token of each): solved examples are added while they fit, and leading spaces fill what is
+    left.
     """
     from ldm.data import synthetic
 
@@ -92,6 +104,7 @@ def few_shot(n: int, seed: int, tasks, chars: int) -> list:
     out = []
     for i in range(n):
         target = pool[i]
+        chars = rng.randint(*lengths) - CHAT_MARKS
         head, tail = "Solved examples:", f"\nNow solve:\n{target['messages'][0]['content']}"
         budget = chars - len(head) - len(tail)
         lines = []
@@ -180,23 +193,32 @@ def train_stage(label: str, prepare: list, sft: list, steps: int, batch: int, ou
 def bench_arch(arch: str, args, outputs: Path, data_file: Path) -> list:
     """Train `arch` in two stages (or reuse its exports with --reuse); return the timed rows."""
     tasks = list(args.tasks)
+    steps = args.steps[args.arch.index(arch)] if len(args.steps) > 1 else args.steps[0]
     name = f"sampling-cache-{arch}-{'-'.join(tasks)}"
-    short = outputs / "models" / f"{name}-short{args.short_steps}"
-    long = outputs / "models" / f"{name}-short{args.short_steps}-long{args.steps}"
+    short = outputs / "models" / f"{name}-short{args.short_steps}-answer{args.short_answer}"
+    long = outputs / "models" / (f"{name}-short{args.short_steps}-answer{args.short_answer}"
+                                  f"-long{steps}-answer{args.max_new}")
+    # every row is its prompt + exactly --max-new answer positions (answer, EOS, EOS padding),
+    # laid out like the sampler's canvas; rows of a batch are padded with attention masking
+    answer = ["dataset.padding=answer", f"dataset.answer_positions={args.max_new}"]
     short_data = [*ARCHES[arch], f"model.vocab_size={VOCAB}", f"context=ctx{SHORT}",
                   "dataset=synthetic_tasks", f"dataset.task_types=[{','.join(tasks)}]",
-                  f"dataset.max_documents={args.short_examples}"]
+                  f"dataset.max_documents={args.short_examples}", "dataset.padding=answer",
+                  f"dataset.answer_positions={args.short_answer}"]
     trained = train_stage(
         f"[{arch}] stage 1 (ctx{SHORT}, {args.short_examples} {'/'.join(tasks)} examples)",
         short_data, [*short_data, f"task.lr={args.short_lr}", "task.warmup_steps=50"],
         args.short_steps, args.short_batch, outputs, short, args.reuse)
     print(f"[{arch}] stage 1 exact match on 40 short prompts: {short_exact(short, args)}",
           flush=True)
+    if steps == 0:  # stage 1 only: the held-out few-shot prompts go to its export
+        return evaluate_arch(arch, args, short)
     # stage 2: the export brings its model group and tokenizer (the data is encoded with it)
-    few = [f"init_from={short}", f"context=ctx{CANVAS}", "dataset=local_chat",
-           f"dataset.paths=[{data_file}]"]
-    train_stage(f"[{arch}] stage 2 (ctx{CANVAS}, {args.examples} few-shot chats)", few,
-                [*few, f"task.lr={args.lr}", "task.warmup_steps=20"], args.steps, args.batch,
+    few = [f"init_from={short}", f"context=ctx{LONG}", "dataset=local_chat",
+           f"dataset.paths=[{data_file}]", *answer]
+    train_stage(f"[{arch}] stage 2 ({args.examples} few-shot chats of {PROMPTS[0]}-{PROMPTS[1]} "
+                f"prompt tokens + {args.max_new})", few,
+                [*few, f"task.lr={args.lr}", "task.warmup_steps=20"], steps, args.batch,
                 outputs, long, args.reuse and not trained)  # a new stage 1 needs a new stage 2
     return evaluate_arch(arch, args, long)
 
@@ -204,8 +226,7 @@ def bench_arch(arch: str, args, outputs: Path, data_file: Path) -> list:
 def short_exact(export: Path, args, prompts: int = 40) -> str:
     """Return a stage-1 export's exact match per task on short prompts (llada, one block).
 
-    Each canvas ends where the rows the export was trained on end (prompt + answer + EOS padding
-    = the short context): a small model reads the answer's room from it.
+    Each canvas is the prompt + --short-answer masks, laid out like the rows it was trained on.
     """
     import torch
 
@@ -223,7 +244,7 @@ def short_exact(export: Path, args, prompts: int = 40) -> str:
     with torch.inference_mode():
         for ex in synthetic.generate(prompts, 20_000 + args.seed, args.tasks):
             ids = encode_prompt(tok, Prompt(ex["messages"][0]["content"]), True)
-            node = {**sampler_settings("llada", {}, SHORT - len(ids)), "block_length": None}
+            node = {**sampler_settings("llada", {}, args.short_answer), "block_length": None}
             result = generate(hf_logits_fn(model), [ids], SamplerSettings.from_config(node),
                               mask_id=tok.mask_token_id, eos_id=tok.eos_token_id,
                               special_ids=banned, pad_id=tok.pad_token_id, record_history=False)
@@ -246,13 +267,14 @@ def evaluate_arch(arch: str, args, export: Path) -> list:
     model = load_model("export", str(export)).eval()
     tok = load_tokenizer(str(export))
     jobs = []
-    for ex in few_shot(args.eval_prompts, 10_000 + args.seed, args.tasks, prompt_chars(args)):
+    lengths = (args.eval_length, args.eval_length)
+    for ex in few_shot(args.eval_prompts, 10_000 + args.seed, args.tasks, lengths):
         ids = encode_prompt(tok, Prompt(ex["messages"][0]["content"]), True)
         jobs.append({"ids": ids, "task": ex["task"], "answer": ex["answer"]})
     lengths = [len(j["ids"]) for j in jobs]
-    if set(lengths) != {CANVAS - args.max_new}:  # the layout the model was trained on
+    if set(lengths) != {args.eval_length}:
         raise SystemExit(f"held-out prompts of {min(lengths)}-{max(lengths)} tokens, not "
-                         f"{CANVAS - args.max_new}: the tokenizer is not one token per character")
+                         f"{args.eval_length}: the tokenizer is not one token per character")
     width = max(lengths) + args.max_new
     positions = model.config.max_position_embeddings
     print(f"[{arch}] {len(jobs)} held-out prompts of {min(lengths)}-{max(lengths)} tokens "
@@ -274,11 +296,6 @@ def evaluate_arch(arch: str, args, export: Path) -> list:
             if rep + 1 < args.reps:  # so that an interrupted run still shows what it measured
                 report(rows)
     return rows
-
-
-def prompt_chars(args) -> int:
-    """Return the characters of a few-shot user text: prompt + answer fill the canvas exactly."""
-    return CANVAS - args.max_new - CHAT_MARKS
 
 
 def table_rows(arch: str, settings, runs: dict, answers: int, full: float) -> list:
@@ -366,17 +383,24 @@ def plot(rows: list, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHES), default=["bert", "modernbert"])
-    parser.add_argument("--tasks", nargs="+", default=["copy", "count"],
+    parser.add_argument("--tasks", nargs="+", default=["copy", "reverse"],
                         help="synthetic task types of both stages and of the held-out prompts")
-    parser.add_argument("--short-steps", type=int, default=2000, help="stage-1 steps (ctx48)")
+    parser.add_argument("--short-steps", type=int, default=1000,
+                        help=f"stage-1 steps (ctx{SHORT})")
     parser.add_argument("--short-batch", type=int, default=64)
     parser.add_argument("--short-lr", type=float, default=3e-3)
+    parser.add_argument("--short-answer", type=int, default=12,
+                        help="stage-1 answer area: answer + EOS padding, in tokens")
     parser.add_argument("--short-examples", type=int, default=8000)
-    parser.add_argument("--steps", type=int, default=300, help="stage-2 steps (ctx512)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[400],
+                        help="stage-2 steps (few-shot prompts), one for every --arch or one for "
+                             "all; 0: stage 1 only")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--examples", type=int, default=4000, help="few-shot chats of stage 2")
-    parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--eval-length", type=int, default=PROMPTS[1],
+                        help="tokens of every held-out few-shot prompt, chat marks included")
     parser.add_argument("--batch-eval", type=int, default=8)
     parser.add_argument("--max-new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
@@ -385,14 +409,18 @@ def main() -> None:
     parser.add_argument("--outputs", default=str(REPO / "outputs" / "benchmarks" / "sampling_cache"))
     parser.add_argument("--plot", default=str(Path(__file__).with_name("sampling_cache.png")))
     args = parser.parse_args()
-    if not 0 < args.max_new <= CANVAS // 2:
-        parser.error(f"--max-new must be in 1..{CANVAS // 2} (prompts of at least {CANVAS // 2} "
-                     "tokens)")
+    if not 2 <= args.max_new <= LONG - PROMPTS[1]:
+        parser.error(f"--max-new must be in 2..{LONG - PROMPTS[1]} (the answer area after a "
+                     f"prompt of {PROMPTS[1]} tokens within {LONG} positions)")
+    if not 64 <= args.eval_length <= PROMPTS[1]:
+        parser.error(f"--eval-length must be in 64..{PROMPTS[1]}")
+    if len(args.steps) not in (1, len(args.arch)):
+        parser.error("--steps takes one value, or one per --arch")
     outputs = Path(args.outputs)
     outputs.mkdir(parents=True, exist_ok=True)
     data_file = outputs / "few_shot.jsonl"
     text = "".join(json.dumps({"messages": ex["messages"]}) + "\n"
-                   for ex in few_shot(args.examples, args.seed, args.tasks, prompt_chars(args)))
+                   for ex in few_shot(args.examples, args.seed, args.tasks, PROMPTS))
     if not data_file.is_file() or data_file.read_text() != text:  # same file: prepared data reused
         data_file.write_text(text)
     rows = []
