@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.data.sft import last_answer_start
 from ldm.masking import get_schedule
 from ldm.model import logits_at
 
@@ -177,8 +178,7 @@ def heldout_answers(test_split, count: int) -> List[Tuple[List[int], List[int]]]
         length = int(row["length"]) if "length" in row else len(ids)
         if not mask[:length].any():
             continue
-        prompt_end = np.flatnonzero(~mask[:length])
-        start = int(prompt_end[-1]) + 1 if len(prompt_end) else 0
+        start = last_answer_start(mask[:length])
         if start == 0 or start >= length:
             continue
         out.append((ids[:start].tolist(), ids[start:length].tolist()))

@@ -30,6 +30,17 @@ def compose_config(overrides=(), outputs: Path | None = None, return_hydra_confi
 
 
 @pytest.fixture
+def offline(monkeypatch):
+    """The hub is unreachable (HF_HUB_OFFLINE=1), with the reachability cache cleared around."""
+    from ldm.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()
+
+
+@pytest.fixture
 def make_config(tmp_path):
     """Compose configs whose outputs go to a temporary folder."""
     def _make(*overrides):

@@ -21,7 +21,6 @@ from ldm.data import mixture
 from ldm.data.chat_sources import open_chat_source
 from ldm.data.hub_sets import parse_split
 from ldm.errors import ConfigError, DataError
-from ldm.hub import hub_reachable
 from ldm.tasks import launch
 from ldm.tasks.chain import stage_commands
 from ldm.train.data import check_batch_layout
@@ -37,14 +36,6 @@ SHAREGPT_LIKE = [{"conversations": [{"from": "system", "value": "Be brief."},
                                     {"from": "gpt", "value": f"{i}"}]} for i in range(20)]
 ALPACA_LIKE = [{"instruction": f"Repeat {i}", "input": "twice" if i % 2 else "",
                 "output": f"{i} {i}"} for i in range(20)]
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub_reachable.cache_clear()
-    yield
-    hub_reachable.cache_clear()
 
 
 def parquet_folder(folder: Path, rows: list) -> Path:

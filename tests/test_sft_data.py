@@ -16,7 +16,6 @@ from ldm.data.pretrain import split_of
 from ldm.data.sft import build_sft_data
 from ldm.data.store import load_split, read_manifest
 from ldm.errors import ConfigError, DataError, HubUnavailableError
-from ldm.hub import hub_reachable
 from ldm.tokenizer import CHAT_HEADERS, chat_token_ids, load_tokenizer
 
 WORDS = ("fire wall permit house roof brick how long what is the a of weeks twenty ! ? , . "
@@ -408,14 +407,6 @@ def test_in_memory_jsonl_source_reads_like_a_file(tmp_path):
     text = json.dumps({"instruction": "q", "output": "a"}) + "\n"
     assert list(jsonl_chat_source("mem", lambda: io.StringIO(text))()) == [
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub_reachable.cache_clear()
-    yield
-    hub_reachable.cache_clear()
 
 
 def test_construction_faq_loads_503_pairs_offline(offline):
