@@ -36,10 +36,11 @@ def prompts(seed: int = 1):
     return [torch.randint(5, VOCAB, (n,), generator=g).tolist() for n in (20, 13, 17)]
 
 
-def padded_batch(seed: int = 2):
+def padded_batch(seed: int = 2, padded: bool = True):
     ids = torch.randint(5, VOCAB, (3, 40), generator=torch.Generator().manual_seed(seed))
     attn = torch.ones_like(ids)
-    attn[0, :9], attn[1, :3] = 0, 0
+    if padded:
+        attn[0, :9], attn[1, :3] = 0, 0
     return ids.masked_fill(attn == 0, PAD), attn
 
 
@@ -50,9 +51,10 @@ def plain(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cache_refreshed_every_step_gives_the_uncached_logits(family):
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
+def test_cache_refreshed_every_step_gives_the_uncached_logits(family, padded):
     model = tiny(family)
-    ids, attn = padded_batch()
+    ids, attn = padded_batch(padded=padded)
     reference = plain(model)
     cache = BlockCache(model, "dual", 3, refresh_every_step=True)
     rows = torch.arange(3)
@@ -66,11 +68,12 @@ def test_cache_refreshed_every_step_gives_the_uncached_logits(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_partial_forward_on_an_unchanged_canvas_equals_the_full_forward(family, mode):
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
+def test_partial_forward_on_an_unchanged_canvas_equals_the_full_forward(family, mode, padded):
     # Only the kept keys/values differ between a partial and a full step; on an unchanged canvas
     # they are exact, so this checks rotary positions, sliding windows and padding of the path.
     model = tiny(family)
-    ids, attn = padded_batch()
+    ids, attn = padded_batch(padded=padded)
     want = plain(model)(ids, attn)[:, 24:32]
     cache = BlockCache(model, mode, 3)
     rows = torch.arange(3)
@@ -80,6 +83,28 @@ def test_partial_forward_on_an_unchanged_canvas_equals_the_full_forward(family, 
         got = cache.logits(ids, attn, rows, 24, 32, block=0)
     assert cache.positions - full_positions < full_positions  # it was a partial step
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_steps_of_all_rows_and_of_a_subset_read_the_same_kept_entries(family, mode):
+    # All rows in order are computed in place on the kept tensors, a subset on a gathered copy;
+    # both must see the entries of the block's full forward, not a previous step's.
+    model = tiny(family)
+    ids, attn = padded_batch()
+    want = plain(model)(ids, attn)[:, 24:32]
+    cache = BlockCache(model, mode, 3)
+    everyone, finished = torch.arange(3), torch.tensor([0, 2])
+    with torch.inference_mode():
+        cache.logits(ids, attn, everyone, 24, 32, block=0)
+        moved = ids.clone()
+        moved[:, 24:32] = 6  # a step that changes the block, then the canvas as it was
+        cache.logits(moved, attn, everyone, 24, 32, block=0)
+        whole = cache.logits(ids, attn, everyone, 24, 32, block=0)
+        cache.logits(moved[finished], attn[finished], finished, 24, 32, block=0)
+        part = cache.logits(ids[finished], attn[finished], finished, 24, 32, block=0)
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(part, want[finished], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

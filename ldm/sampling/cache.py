@@ -139,11 +139,19 @@ _FAMILIES = {"bert": _Bert, "modernbert": _ModernBert}
 
 
 def _allowed(keys_real: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor,
-             window: Optional[int]) -> torch.Tensor:
-    """Return a [B, 1, Q, K] bool mask: real keys, within the window; empty rows see all keys."""
-    allowed = keys_real[:, None, None, :].expand(-1, 1, q_index.numel(), -1)
+             window: Optional[int]) -> Optional[torch.Tensor]:
+    """Return the attention mask of queries `q_index` over keys `k_index` (None: all allowed).
+
+    With padding: [B, 1, Q, K] bool, real keys within the window; a query row that would see no
+    key sees all of them. Without padding: None, or the window alone as [1, 1, Q, K].
+    """
+    near = None
     if window is not None:
         near = (q_index[:, None] - k_index[None, :]).abs() <= window
+    if keys_real is None:
+        return None if near is None else near[None, None]
+    allowed = keys_real[:, None, None, :].expand(-1, 1, q_index.numel(), -1)
+    if near is not None:
         allowed = allowed & near[None, None]
     # A padded query far from every real key would attend to nothing and turn NaN; its output is
     # never used, but its key/value must stay finite (transformers unmasks such rows the same way).
@@ -205,15 +213,25 @@ class BlockCache:
         """Return the final hidden states of positions [start, end) of `rows`."""
         width = ids.shape[1]
         pos = true_positions(attn)
-        real = attn.bool()
+        real = None if bool(attn.bool().all()) else attn.bool()  # None: no padding to mask
+        # All rows of the batch in order: the kept tensors are used (and written) in place, no
+        # gather. Writing a step's keys/values of [start, end) into the cache is safe: later
+        # steps of the block recompute those positions, and the next block refreshes them all.
+        whole = rows.numel() == self.batch and bool(
+            (rows.cpu() == torch.arange(self.batch)).all())
         hidden = self.family.embed(ids[:, start:end], pos[:, start:end])
         q_index = torch.arange(start, end, device=ids.device)
         k_index = torch.arange(width, device=ids.device)
         if store and not self.keys:
             self._allocate(len(self.layer_list), hidden, width)
+        masks: Dict[Optional[int], Optional[torch.Tensor]] = {}  # window -> mask, per call
         for i, layer in enumerate(self.layer_list):
             q, k, v, saved = self.family.qkv(layer, hidden, pos[:, start:end])
-            if store:
+            if whole:
+                self.keys[i][:, :, start:end] = k
+                self.values[i][:, :, start:end] = v
+                k, v = self.keys[i], self.values[i]
+            elif store:
                 self.keys[i][rows] = k
                 self.values[i][rows] = v
             else:
@@ -222,8 +240,10 @@ class BlockCache:
                 keys[:, :, start:end] = k
                 values[:, :, start:end] = v
                 k, v = keys, values
-            mask = _allowed(real, q_index, k_index, self.family.window(layer))
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            window = self.family.window(layer)
+            if window not in masks:
+                masks[window] = _allowed(real, q_index, k_index, window)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[window])
             attended = attended.transpose(1, 2).reshape(*hidden.shape[:2], -1)
             hidden = self.family.after_attention(layer, attended, saved)
         self.positions += hidden.shape[0] * hidden.shape[1]
