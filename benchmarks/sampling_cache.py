@@ -1,7 +1,7 @@
 """Sampling speed with long few-shot prompts: KV cache, block-only logits, entropy-bounded commits.
 
-    .venv/bin/python benchmarks/sampling_cache.py [--arch bert modernbert] [--short-steps 1000]
-        [--steps 400 [60]] [--eval-prompts 16] [--reps 5]
+    .venv/bin/python benchmarks/sampling_cache.py [--arch bert modernbert] [--short-lr 1e-3 3e-3]
+        [--steps 1200 1500] [--lr 4e-4 1e-3] [--prompts 48 512] [--eval-prompts 16] [--reps 5]
 
 1. Trains a tiny BERT and a tiny ModernBERT (hidden 128, 4 layers, no dropout, a byte-level
    tokenizer of 262 tokens without merges: one token per character, the same whatever text it
@@ -12,20 +12,22 @@
    max_new_tokens masks); rows of different lengths are batched with attention-masked padding.
    A model this small reads the room left for its answer from where the row ends.
    - stage 1: SFT from scratch on the short synthetic tasks (`dataset=synthetic_tasks`, the
-     `--tasks` types, default copy and reverse, made-up words) at ctx48 with an answer area of
-     `--short-answer` (12) tokens; its exact match on 40 short prompts (canvas = prompt + 12)
-     is printed, to tell an undertrained stage 1 from a stage 2 that did not transfer. With an
-     answer area of 64 already in stage 1 (ctx128), ModernBERT answered 0 of those 40 prompts
-     right after 800 steps (each row then holds ~55 positions of EOS padding to ~10 of answer).
-     With 12, the quickstart's SFT of the same model learned both tasks in 1,000 steps, but the
-     recorded run's stage 1 (benchmarks/RESULTS.md) answered 0 of 40 with both architectures;
+     `--tasks` types, default copy and reverse) at ctx48 with an answer area of
+     `--short-answer` (12) tokens, the quickstart's recipe; its exact match on 40 short prompts
+     (canvas = prompt + 12) is printed, to tell an undertrained stage 1 from a stage 2 that did
+     not transfer. BERT (post-LayerNorm) learns nothing at the lr of 3e-3 that ModernBERT
+     learns with, and both tasks at 1e-3; `--short-lr` takes one value per architecture.
    - stage 2: SFT from the stage-1 export (`init_from`: its weights, model group and tokenizer,
      with which the few-shot chats are prepared) on few-shot chats with an answer area of
      `--max-new` (64) tokens, context 1,024 (the models' positions). Each user turn holds
-     solved examples of the tasks and then one to solve; the prompt is 256-512 tokens (drawn
-     uniformly; leading spaces fill what the examples leave), and the answer is the synthetic
-     task's exactly checkable one. The BERT variant has absolute position embeddings for 1,024
-     positions (modernbert_tiny's max_positions); those past 48 are first trained here.
+     solved examples of the tasks and then one to solve; the prompt is `--prompts` tokens
+     (drawn uniformly, 48-512 by default: the short ones bridge from stage 1's layout; leading
+     spaces fill what the examples leave), and the answer is the synthetic task's exactly
+     checkable one. Stage 1's skill does not carry over to a few-shot prompt by itself (0 of 8
+     at 64 tokens), and learning the few-shot layout from scratch (1,000 steps on 48-128-token
+     chats, answer area 64) learned neither task for either model. The BERT variant has
+     absolute position embeddings for 1,024 positions (modernbert_tiny's max_positions); those
+     past 48 are first trained here. `--steps` and `--lr` take one value per architecture.
 2. In one process, answers the same held-out prompts, each `--eval-length` (512) tokens
    (canvas = prompt + 64 masks, as in training; batched), with each setting: original, llada,
    fast, fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of
@@ -33,15 +35,18 @@
    the min-max spread; tokens/s counts the answer positions decoded (committed, EOS padding
    included) per second. Also reported: exact match (overall and per task), model calls (NFE)
    per answer and model-equivalent compute per answer (estimated forward FLOPs of the encoder +
-   head over those of one uncached full forward of the canvas).
+   head over those of one uncached full forward of the canvas), and the milliseconds of one
+   full forward of a batch through transformers (what `cache=none` runs) and through the
+   cache's own layer loop (what starts each cached block), so that a reader can tell the
+   cache's saving from a difference between the two implementations.
 3. Prints the goals with PASS/FAIL: fast+dual >= 3x the tokens/s of fast at <= 1 point less
    exact match; the best setting >= 15x the tokens/s of original at equal or better exact match.
    Saves accuracy vs tokens/s as sampling_cache.png next to RESULTS.md (`--plot`), the rows as
    results.json under `--outputs`.
 
-`--reuse` skips a stage whose export (same architecture, tasks, step counts and answer areas)
-exists; `--steps 0` evaluates the stage-1 export. A quick end-to-end check of the script (a few
-minutes, the numbers mean nothing):
+`--reuse` skips a stage whose export (same architecture, tasks, step counts, learning rates,
+prompt lengths and answer areas) exists; `--steps 0` evaluates the stage-1 export. A quick
+end-to-end check of the script (a few minutes, the numbers mean nothing):
     ... sampling_cache.py --short-steps 20 --steps 5 --short-examples 500 --examples 200
         --eval-prompts 2 --batch-eval 2 --reps 1 --outputs /tmp/sc --plot /tmp/sc/plot.png
 """
@@ -63,10 +68,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from sampling_speed import run  # noqa: E402  (runs run.py with LDM_OUTPUTS set)
 
 VOCAB = 262  # byte-level BPE without merges: the same tokenizer whatever text it is trained on
-SHORT = 48  # stage-1 context: a short task prompt + its answer area (--short-answer)
+# per-architecture defaults of --steps, --lr, --short-steps, --short-lr (the recorded run's)
+DEFAULTS = {"steps": {"bert": 1200, "modernbert": 1500}, "lr": {"bert": 4e-4, "modernbert": 1e-3},
+            "short_steps": {"bert": 1000, "modernbert": 1000},
+            "short_lr": {"bert": 1e-3, "modernbert": 3e-3},
+            "short_offset": {"bert": 160, "modernbert": 0}}
+CONTEXTS = (48, 128, 256)  # stage 1's context: the smallest that holds its longest prompt (chat
+# marks included) + --short-answer
 LONG = 1024  # stage-2 context (the models' positions): rows are at most PROMPTS[1] + --max-new
-PROMPTS = (256, 512)  # few-shot prompt lengths in tokens, chat marks included: stage 2 draws them
-# uniformly; the held-out prompts are --eval-length long (the longest by default)
+PROMPTS = (256, 512)  # the benchmark's few-shot prompt lengths in tokens, chat marks included; the
+# held-out prompts are --eval-length long (512); stage 2 trains on --prompts (48-512)
 # No dropout (ModernBERT's default): BERT's default attention dropout of 0.1 sends attention on
 # CPU down the slow path, a training step at ctx512 4x slower.
 ARCH = ["model.arch.hidden_size=128", "model.arch.num_hidden_layers=4",
@@ -87,6 +98,50 @@ SETTINGS = [  # label, preset, overrides
     ("entropy_bound+dual", "entropy_bound", {"cache": "dual"}),
 ]
 CHAT_MARKS = 3  # the user, end and assistant marks around a one-turn prompt's text
+# "phrase": this benchmark's own task with answers that fill most of a 64-position answer area,
+# as chat answers do: copy a phrase of 4-9 real words (ldm.data.synthetic.WORDS) of at most
+# PHRASE_CHARS characters ("Copy: garden frog winter ..."). The library's types answer in <= 30.
+PHRASE_WORDS = (4, 9)
+PHRASE_CHARS = 56
+TASKS = ("copy", "reverse", "count", "sort", "max", "add", "phrase")
+
+
+def make_phrase(rng: random.Random) -> str:
+    """Return a phrase of PHRASE_WORDS distinct real words, at most PHRASE_CHARS characters."""
+    from ldm.data.synthetic import WORDS
+
+    words = rng.sample(WORDS, rng.randint(*PHRASE_WORDS))
+    while len(" ".join(words)) > PHRASE_CHARS:
+        words.pop()
+    return " ".join(words)
+
+
+def examples(n: int, seed: int, tasks) -> list:
+    """Return n one-turn task examples {messages, task, answer}, the types in round robin: the
+    library's synthetic types from ldm.data.synthetic, "phrase" from make_phrase."""
+    from ldm.data import synthetic
+
+    library = [t for t in tasks if t != "phrase"]
+    drawn = iter(synthetic.generate(n, seed, library)) if library else iter(())
+    rng = random.Random(f"phrase:{seed}")
+    out = []
+    for i in range(n):
+        if tasks[i % len(tasks)] != "phrase":
+            out.append(next(drawn))
+            continue
+        phrase = make_phrase(rng)
+        out.append({"messages": [{"role": "user", "content": f"Copy: {phrase}"},
+                                 {"role": "assistant", "content": phrase}],
+                    "task": "phrase", "answer": phrase})
+    return out
+
+
+def check(task: str, answer: str, reference: str) -> bool:
+    """Return whether `answer` is right for `task` (phrase: exact, else the library's check)."""
+    from ldm.data import synthetic
+
+    return answer.strip() == reference if task == "phrase" else synthetic.check(
+        task, answer, reference)
 
 
 def few_shot(n: int, seed: int, tasks, lengths) -> list:
@@ -95,11 +150,9 @@ def few_shot(n: int, seed: int, tasks, lengths) -> list:
     Each prompt is a length drawn uniformly from `lengths` (lo, hi) tokens, chat marks included;
     its user text has that length less CHAT_MARKS characters (the byte-level tokenizer makes one
     token of each): solved examples are added while they fit, and leading spaces fill what is
-    left.
+    left. A length too short for the heading and the task gives a prompt of just the task.
     """
-    from ldm.data import synthetic
-
-    pool = synthetic.generate(n * 16, seed, tasks)
+    pool = examples(n * 16, seed, tasks)
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -107,8 +160,11 @@ def few_shot(n: int, seed: int, tasks, lengths) -> list:
         chars = rng.randint(*lengths) - CHAT_MARKS
         head, tail = "Solved examples:", f"\nNow solve:\n{target['messages'][0]['content']}"
         budget = chars - len(head) - len(tail)
+        if budget < 0:
+            head, tail = "", target["messages"][0]["content"]
+            budget = max(0, chars - len(tail))
         lines = []
-        while True:
+        while head:
             demo = pool[rng.randrange(n, len(pool))]
             line = f"\n{demo['messages'][0]['content']}\n=> {demo['answer']}"
             if len(line) > budget:
@@ -164,7 +220,7 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
         tokens += sum(result.committed)
         for job, ids in zip(part, result.tokens):
             answer = tok.decode(ids, skip_special_tokens=True).strip()
-            ok = synthetic.check(job["task"], answer, job["answer"])
+            ok = check(job["task"], answer, job["answer"])
             correct += ok
             counts = by_task.setdefault(job["task"], [0, 0])
             counts[0] += ok
@@ -190,37 +246,78 @@ def train_stage(label: str, prepare: list, sft: list, steps: int, batch: int, ou
     return True
 
 
-def bench_arch(arch: str, args, outputs: Path, data_file: Path) -> list:
+def bench_arch(arch: str, args, outputs: Path) -> list:
     """Train `arch` in two stages (or reuse its exports with --reuse); return the timed rows."""
-    tasks = list(args.tasks)
-    steps = args.steps[args.arch.index(arch)] if len(args.steps) > 1 else args.steps[0]
-    name = f"sampling-cache-{arch}-{'-'.join(tasks)}"
-    short = outputs / "models" / f"{name}-short{args.short_steps}-answer{args.short_answer}"
-    long = outputs / "models" / (f"{name}-short{args.short_steps}-answer{args.short_answer}"
-                                  f"-long{steps}-answer{args.max_new}")
-    # every row is its prompt + exactly --max-new answer positions (answer, EOS, EOS padding),
-    # laid out like the sampler's canvas; rows of a batch are padded with attention masking
-    answer = ["dataset.padding=answer", f"dataset.answer_positions={args.max_new}"]
-    short_data = [*ARCHES[arch], f"model.vocab_size={VOCAB}", f"context=ctx{SHORT}",
-                  "dataset=synthetic_tasks", f"dataset.task_types=[{','.join(tasks)}]",
-                  f"dataset.max_documents={args.short_examples}", "dataset.padding=answer",
-                  f"dataset.answer_positions={args.short_answer}"]
+    pick = args.arch.index(arch)
+    steps, lr, short_steps, short_lr, short_offset = (
+        DEFAULTS[flag][arch] if getattr(args, flag) is None
+        else getattr(args, flag)[pick] if len(getattr(args, flag)) > 1 else getattr(args, flag)[0]
+        for flag in ("steps", "lr", "short_steps", "short_lr", "short_offset"))
+    lo, hi = args.prompts
+    name = f"sampling-cache-{arch}-{'-'.join(args.tasks)}"
+    offset = f"-offset{short_offset}" if short_offset else ""
+    short = (outputs / "models"
+             / f"{name}-short{short_steps}{offset}-answer{args.short_answer}-lr{short_lr:g}")
+    long = outputs / "models" / f"{short.name}-long{lo}-{hi}x{steps}-answer{args.max_new}-lr{lr:g}"
+    short_chats = examples(args.short_examples, args.seed + 1, args.tasks)
+    if short_offset:  # leading spaces: the task at absolute positions up to the offset
+        rng = random.Random(f"offset:{args.seed}")
+        for ex in short_chats:
+            ex["messages"][0]["content"] = (" " * rng.randint(0, short_offset)
+                                            + ex["messages"][0]["content"])
+    if "phrase" in args.tasks or short_offset:  # as chats in a file
+        chats = outputs / f"short{offset}.jsonl"
+        write_chats(chats, short_chats)
+        data = ["dataset=local_chat", f"dataset.paths=[{chats}]"]
+    else:
+        data = ["dataset=synthetic_tasks", f"dataset.task_types=[{','.join(args.tasks)}]",
+                f"dataset.max_documents={args.short_examples}"]
+    answer = max(len(ex["answer"]) for ex in short_chats)
+    if answer + 1 > min(args.short_answer, args.max_new):
+        raise SystemExit(f"answers of up to {answer} tokens + EOS do not fit in --short-answer "
+                         f"{args.short_answer} / --max-new {args.max_new}")
+    longest = max(len(ex["messages"][0]["content"]) for ex in short_chats) + CHAT_MARKS
+    fits = [c for c in CONTEXTS if c >= longest + args.short_answer]
+    if not fits:
+        raise SystemExit(f"stage 1: prompts of up to {longest} tokens + --short-answer "
+                         f"{args.short_answer} do not fit in ctx{CONTEXTS[-1]}")
+    ctx = fits[0]
+    short_data = [*ARCHES[arch], f"model.vocab_size={VOCAB}", f"context=ctx{ctx}", *data,
+                  "dataset.padding=answer", f"dataset.answer_positions={args.short_answer}"]
     trained = train_stage(
-        f"[{arch}] stage 1 (ctx{SHORT}, {args.short_examples} {'/'.join(tasks)} examples)",
-        short_data, [*short_data, f"task.lr={args.short_lr}", "task.warmup_steps=50"],
-        args.short_steps, args.short_batch, outputs, short, args.reuse)
+        f"[{arch}] stage 1 (ctx{ctx}, {args.short_examples} {'/'.join(args.tasks)} examples)",
+        short_data, [*short_data, f"task.lr={short_lr}", "task.warmup_steps=50"],
+        short_steps, args.short_batch, outputs, short, args.reuse)
     print(f"[{arch}] stage 1 exact match on 40 short prompts: {short_exact(short, args)}",
           flush=True)
     if steps == 0:  # stage 1 only: the held-out few-shot prompts go to its export
         return evaluate_arch(arch, args, short)
-    # stage 2: the export brings its model group and tokenizer (the data is encoded with it)
+    # stage 2: the export brings its model group and tokenizer (the data is encoded with it);
+    # every row is its prompt + exactly --max-new answer positions (answer, EOS, EOS padding),
+    # laid out like the sampler's canvas; rows of a batch are padded with attention masking
     few = [f"init_from={short}", f"context=ctx{LONG}", "dataset=local_chat",
-           f"dataset.paths=[{data_file}]", *answer]
-    train_stage(f"[{arch}] stage 2 ({args.examples} few-shot chats of {PROMPTS[0]}-{PROMPTS[1]} "
+           f"dataset.paths=[{few_shot_file(outputs, args)}]", "dataset.padding=answer",
+           f"dataset.answer_positions={args.max_new}"]
+    train_stage(f"[{arch}] stage 2 (ctx{LONG}, {args.examples} few-shot chats of {lo}-{hi} "
                 f"prompt tokens + {args.max_new})", few,
-                [*few, f"task.lr={args.lr}", "task.warmup_steps=20"], steps, args.batch,
+                [*few, f"task.lr={lr}", "task.warmup_steps=20"], steps, args.batch,
                 outputs, long, args.reuse and not trained)  # a new stage 1 needs a new stage 2
     return evaluate_arch(arch, args, long)
+
+
+def few_shot_file(outputs: Path, args) -> Path:
+    """Write stage 2's few-shot chats as a messages .jsonl; return its path."""
+    path = outputs / "few_shot.jsonl"
+    write_chats(path, few_shot(args.examples, args.seed, args.tasks, args.prompts))
+    return path
+
+
+def write_chats(path: Path, chats: list) -> None:
+    """Write chats as a messages .jsonl, unless the file holds them already (its prepared data
+    is then reused)."""
+    text = "".join(json.dumps({"messages": ex["messages"]}) + "\n" for ex in chats)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def short_exact(export: Path, args, prompts: int = 40) -> str:
@@ -240,17 +337,17 @@ def short_exact(export: Path, args, prompts: int = 40) -> str:
     model = load_model("export", str(export)).eval()
     tok = load_tokenizer(str(export))
     banned = never_emitted_ids(tok, model.config.vocab_size)
+    node = {**sampler_settings("llada", {}, args.short_answer), "block_length": None}
     counts = {}  # task -> [correct, prompts]
     with torch.inference_mode():
-        for ex in synthetic.generate(prompts, 20_000 + args.seed, args.tasks):
+        for ex in examples(prompts, 20_000 + args.seed, args.tasks):
             ids = encode_prompt(tok, Prompt(ex["messages"][0]["content"]), True)
-            node = {**sampler_settings("llada", {}, args.short_answer), "block_length": None}
             result = generate(hf_logits_fn(model), [ids], SamplerSettings.from_config(node),
                               mask_id=tok.mask_token_id, eos_id=tok.eos_token_id,
                               special_ids=banned, pad_id=tok.pad_token_id, record_history=False)
             answer = tok.decode(result.tokens[0], skip_special_tokens=True).strip()
             done = counts.setdefault(ex["task"], [0, 0])
-            done[0] += synthetic.check(ex["task"], answer, ex["answer"])
+            done[0] += check(ex["task"], answer, ex["answer"])
             done[1] += 1
     return ", ".join(f"{task} {ok}/{n}" for task, (ok, n) in sorted(counts.items()))
 
@@ -283,6 +380,9 @@ def evaluate_arch(arch: str, args, export: Path) -> list:
     full = uncached_flops(model.config, 1, width, width)
     settings = [(label, sampler_settings(p, o, args.max_new)) for label, p, o in SETTINGS]
     runs = {label: [] for label, _ in settings}
+    forwards = {"transformers": [], "cache": []}  # ms of one full forward of a batch
+    canvas = torch.tensor([j["ids"] + [tok.mask_token_id] * args.max_new
+                           for j in jobs[:args.batch_eval]])
     with torch.inference_mode():
         measure(model, tok, jobs[:args.batch_eval], settings[2][1], args.batch_eval, 0)  # warm-up
         for rep in range(args.reps):
@@ -290,12 +390,39 @@ def evaluate_arch(arch: str, args, export: Path) -> list:
             order = settings if rep % 2 == 0 else settings[::-1]
             for label, s in order:
                 runs[label].append(measure(model, tok, jobs, s, args.batch_eval, args.seed))
+            for path, ms in full_forward_ms(model, canvas, args.max_new).items():
+                forwards[path].append(ms)
             print(f"[{arch}] repetition {rep + 1}/{args.reps} done "
                   f"({time.perf_counter() - began:.0f} s)", flush=True)
             rows = table_rows(arch, settings, runs, len(jobs), full)
+            for row in rows:
+                row["full_forward_ms"] = {path: (statistics.median(v), min(v), max(v))
+                                          for path, v in forwards.items()}
             if rep + 1 < args.reps:  # so that an interrupted run still shows what it measured
                 report(rows)
     return rows
+
+
+def full_forward_ms(model, canvas, max_new: int, calls: int = 3) -> dict:
+    """Return the median ms of one full forward of `canvas` through transformers (cache=none)
+    and through BlockCache's layer loop (the forward that starts each cached block)."""
+    import torch
+
+    from ldm.sampling.cache import BlockCache, block_logits
+
+    attn = torch.ones_like(canvas)
+    rows = torch.arange(canvas.shape[0])
+    lo = canvas.shape[1] - max_new
+    cache = BlockCache(model, "dual", canvas.shape[0])
+    paths = {"transformers": lambda block: block_logits(model, canvas, attn, lo, lo + 32),
+             "cache": lambda block: cache.logits(canvas, attn, rows, lo, lo + 32, block)}
+    times = {path: [] for path in paths}
+    for call in range(calls):
+        for path, forward in paths.items():
+            began = time.perf_counter()
+            forward(call)  # a new block each call: the cache runs its full forward
+            times[path].append(1000 * (time.perf_counter() - began))
+    return {path: statistics.median(t) for path, t in times.items()}
 
 
 def table_rows(arch: str, settings, runs: dict, answers: int, full: float) -> list:
@@ -343,6 +470,13 @@ def report(rows: list) -> list:
                       f"{speedup:.1f}x original's tokens/s (>= 15x); exact {best['exact']:.1%} vs "
                       f"{original['exact']:.1%}", bool(eligible) and speedup >= 15))
         reps = min(r["reps"] for r in mine.values())
+        ms = fast.get("full_forward_ms")
+        if ms:
+            (hf, hf_lo, hf_hi), (own, own_lo, own_hi) = ms["transformers"], ms["cache"]
+            goals.append((f"{arch}: one full forward of a batch: transformers (cache=none) "
+                          f"{hf:.0f} ms ({hf_lo:.0f}-{hf_hi:.0f}), the cache's layer loop (first "
+                          f"call of a cached block) {own:.0f} ms ({own_lo:.0f}-{own_hi:.0f})",
+                          None))
         note = f"{arch}: {fast['answers']} held-out prompts, {reps} repetition(s)"
         if reps < 5:
             note += "; the goals ask for the median of at least 5"
@@ -383,21 +517,28 @@ def plot(rows: list, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHES), default=["bert", "modernbert"])
-    parser.add_argument("--tasks", nargs="+", default=["copy", "reverse"],
+    parser.add_argument("--tasks", nargs="+", default=["copy", "reverse"], choices=TASKS,
                         help="synthetic task types of both stages and of the held-out prompts")
-    parser.add_argument("--short-steps", type=int, default=1000,
-                        help=f"stage-1 steps (ctx{SHORT})")
+    parser.add_argument("--short-steps", type=int, nargs="+",
+                        help="stage-1 steps: one per --arch or one for all (default: DEFAULTS)")
     parser.add_argument("--short-batch", type=int, default=64)
-    parser.add_argument("--short-lr", type=float, default=3e-3)
+    parser.add_argument("--short-lr", type=float, nargs="+",
+                        help="stage-1 lr: one per --arch or one for all (default: DEFAULTS)")
     parser.add_argument("--short-answer", type=int, default=12,
                         help="stage-1 answer area: answer + EOS padding, in tokens")
     parser.add_argument("--short-examples", type=int, default=8000)
-    parser.add_argument("--steps", type=int, nargs="+", default=[400],
-                        help="stage-2 steps (few-shot prompts), one for every --arch or one for "
-                             "all; 0: stage 1 only")
+    parser.add_argument("--short-offset", type=int, nargs="+",
+                        help="stage-1 prompts start after 0..N leading spaces (uniform): one per "
+                             "--arch or one for all (default: DEFAULTS)")
+    parser.add_argument("--steps", type=int, nargs="+",
+                        help="stage-2 steps (few-shot prompts): one per --arch or one for all "
+                             "(default: DEFAULTS); 0: stage 1 only")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, nargs="+",
+                        help="stage-2 lr: one per --arch or one for all (default: DEFAULTS)")
     parser.add_argument("--examples", type=int, default=4000, help="few-shot chats of stage 2")
+    parser.add_argument("--prompts", type=int, nargs=2, default=[48, PROMPTS[1]],
+                        metavar=("LO", "HI"), help="stage-2 prompt lengths in tokens (uniform)")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--eval-length", type=int, default=PROMPTS[1],
                         help="tokens of every held-out few-shot prompt, chat marks included")
@@ -406,7 +547,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="reuse exports of the same run names")
-    parser.add_argument("--outputs", default=str(REPO / "outputs" / "benchmarks" / "sampling_cache"))
+    parser.add_argument("--outputs",
+                        default=str(REPO / "outputs" / "benchmarks" / "sampling_cache"))
     parser.add_argument("--plot", default=str(Path(__file__).with_name("sampling_cache.png")))
     args = parser.parse_args()
     if not 2 <= args.max_new <= LONG - PROMPTS[1]:
@@ -414,18 +556,16 @@ def main() -> None:
                      f"prompt of {PROMPTS[1]} tokens within {LONG} positions)")
     if not 64 <= args.eval_length <= PROMPTS[1]:
         parser.error(f"--eval-length must be in 64..{PROMPTS[1]}")
-    if len(args.steps) not in (1, len(args.arch)):
-        parser.error("--steps takes one value, or one per --arch")
+    if not 48 <= args.prompts[0] <= args.prompts[1] <= PROMPTS[1]:
+        parser.error(f"--prompts LO HI must satisfy 48 <= LO <= HI <= {PROMPTS[1]}")
+    for flag in DEFAULTS:  # unset: the architecture's default
+        if getattr(args, flag) is not None and len(getattr(args, flag)) not in (1, len(args.arch)):
+            parser.error(f"--{flag.replace('_', '-')} takes one value, or one per --arch")
     outputs = Path(args.outputs)
     outputs.mkdir(parents=True, exist_ok=True)
-    data_file = outputs / "few_shot.jsonl"
-    text = "".join(json.dumps({"messages": ex["messages"]}) + "\n"
-                   for ex in few_shot(args.examples, args.seed, args.tasks, PROMPTS))
-    if not data_file.is_file() or data_file.read_text() != text:  # same file: prepared data reused
-        data_file.write_text(text)
     rows = []
     for arch in args.arch:
-        rows += bench_arch(arch, args, outputs, data_file)
+        rows += bench_arch(arch, args, outputs)
     report(rows)
     (outputs / "results.json").write_text(json.dumps(rows, indent=1))
     plot(rows, Path(args.plot))
