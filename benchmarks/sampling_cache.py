@@ -1,7 +1,7 @@
 """Sampling speed with long few-shot prompts: KV cache, block-only logits, entropy-bounded commits.
 
-    .venv/bin/python benchmarks/sampling_cache.py [--arch bert modernbert] [--short-lr 1e-3 3e-3]
-        [--steps 1200 1500] [--lr 4e-4 1e-3] [--prompts 48 512] [--eval-prompts 16] [--reps 5]
+    .venv/bin/python benchmarks/sampling_cache.py [--arch bert modernbert] [--eval-prompts 16]
+        [--reps 5] [--reuse]     (training steps and learning rates per architecture: DEFAULTS)
 
 1. Trains a tiny BERT and a tiny ModernBERT (hidden 128, 4 layers, no dropout, a byte-level
    tokenizer of 262 tokens without merges: one token per character, the same whatever text it
@@ -11,23 +11,26 @@
    (the answer, its EOS, then EOS padding), laid out like the sampler's canvas (prompt +
    max_new_tokens masks); rows of different lengths are batched with attention-masked padding.
    A model this small reads the room left for its answer from where the row ends.
-   - stage 1: SFT from scratch on the short synthetic tasks (`dataset=synthetic_tasks`, the
-     `--tasks` types, default copy and reverse) at ctx48 with an answer area of
-     `--short-answer` (12) tokens, the quickstart's recipe; its exact match on 40 short prompts
-     (canvas = prompt + 12) is printed, to tell an undertrained stage 1 from a stage 2 that did
-     not transfer. BERT (post-LayerNorm) learns nothing at the lr of 3e-3 that ModernBERT
-     learns with, and both tasks at 1e-3; `--short-lr` takes one value per architecture.
+   - stage 1: SFT from scratch on the short synthetic tasks (`--tasks`, default copy and
+     reverse) with an answer area of `--short-answer` (12) tokens at ctx48, the quickstart's
+     recipe; its exact match on 40 short prompts (canvas = prompt + 12) is printed, to tell an
+     undertrained stage 1 from a stage 2 that did not transfer. BERT (post-LayerNorm) learns
+     nothing at the lr of 3e-3 that ModernBERT learns with, and both tasks at 1e-3.
+     `--short-offset N` starts each prompt after 0..N spaces (absolute positions up to N for
+     BERT); `--tasks ... phrase` adds this script's long-answer task (copy 4-9 real words,
+     answers of up to 56 tokens), which needs an answer area of 64 already in stage 1.
    - stage 2: SFT from the stage-1 export (`init_from`: its weights, model group and tokenizer,
      with which the few-shot chats are prepared) on few-shot chats with an answer area of
      `--max-new` (64) tokens, context 1,024 (the models' positions). Each user turn holds
      solved examples of the tasks and then one to solve; the prompt is `--prompts` tokens
      (drawn uniformly, 48-512 by default: the short ones bridge from stage 1's layout; leading
-     spaces fill what the examples leave), and the answer is the synthetic task's exactly
-     checkable one. Stage 1's skill does not carry over to a few-shot prompt by itself (0 of 8
-     at 64 tokens), and learning the few-shot layout from scratch (1,000 steps on 48-128-token
-     chats, answer area 64) learned neither task for either model. The BERT variant has
-     absolute position embeddings for 1,024 positions (modernbert_tiny's max_positions); those
-     past 48 are first trained here. `--steps` and `--lr` take one value per architecture.
+     spaces fill what the examples leave), and the answer is the task's exactly checkable one.
+     The BERT variant has absolute position embeddings for 1,024 positions (modernbert_tiny's
+     max_positions); those past 48 are first trained here.
+   What did not learn, on this CPU (benchmarks/RESULTS.md has the figures): stage 1's skill
+   alone on few-shot prompts; the few-shot layout from scratch with an answer area of 64; stage
+   1 with an answer area of 64 (phrase); BERT's stage 2 (it answers EOS at once), also with
+   stage-1 offsets up to 160.
 2. In one process, answers the same held-out prompts, each `--eval-length` (512) tokens
    (canvas = prompt + 64 masks, as in training; batched), with each setting: original, llada,
    fast, fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of
@@ -72,7 +75,7 @@ VOCAB = 262  # byte-level BPE without merges: the same tokenizer whatever text i
 DEFAULTS = {"steps": {"bert": 1200, "modernbert": 1500}, "lr": {"bert": 4e-4, "modernbert": 1e-3},
             "short_steps": {"bert": 1000, "modernbert": 1000},
             "short_lr": {"bert": 1e-3, "modernbert": 3e-3},
-            "short_offset": {"bert": 160, "modernbert": 0}}
+            "short_offset": {"bert": 0, "modernbert": 0}}
 CONTEXTS = (48, 128, 256)  # stage 1's context: the smallest that holds its longest prompt (chat
 # marks included) + --short-answer
 LONG = 1024  # stage-2 context (the models' positions): rows are at most PROMPTS[1] + --max-new
@@ -195,7 +198,6 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
     """Answer every job once; return seconds, tokens, exact matches, NFE and FLOPs."""
     import torch
 
-    from ldm.data import synthetic
     from ldm.sampling import SamplerSettings, generate, hf_logits_fn
     from ldm.sampling.decode import never_emitted_ids
 
@@ -327,7 +329,6 @@ def short_exact(export: Path, args, prompts: int = 40) -> str:
     """
     import torch
 
-    from ldm.data import synthetic
     from ldm.model import load_model
     from ldm.sampling import SamplerSettings, generate, hf_logits_fn
     from ldm.sampling.decode import never_emitted_ids
