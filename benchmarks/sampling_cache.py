@@ -414,9 +414,10 @@ def full_forward_ms(model, canvas, max_new: int, calls: int = 3) -> dict:
     attn = torch.ones_like(canvas)
     rows = torch.arange(canvas.shape[0])
     lo = canvas.shape[1] - max_new
+    hi = lo + min(32, max_new)  # the presets' first block
     cache = BlockCache(model, "dual", canvas.shape[0])
-    paths = {"transformers": lambda block: block_logits(model, canvas, attn, lo, lo + 32),
-             "cache": lambda block: cache.logits(canvas, attn, rows, lo, lo + 32, block)}
+    paths = {"transformers": lambda block: block_logits(model, canvas, attn, lo, hi),
+             "cache": lambda block: cache.logits(canvas, attn, rows, lo, hi, block)}
     times = {path: [] for path in paths}
     for call in range(calls):
         for path, forward in paths.items():
