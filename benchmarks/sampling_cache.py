@@ -498,13 +498,15 @@ def plot(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for arch, marker, short in (("bert", "s", "BERT"), ("modernbert", "o", "MB")):
-        mine = [r for r in rows if r["arch"] == arch]
-        for r in mine:
+        mine = sorted((r for r in rows if r["arch"] == arch), key=lambda r: r["tokens_per_s"])
+        for i, r in enumerate(mine):
             ax.scatter(r["tokens_per_s"], 100 * r["exact"], marker=marker)
+            # settings of equal accuracy sit on one line: labels alternate above and below it
             ax.annotate(f"{short} {r['setting']}", (r["tokens_per_s"], 100 * r["exact"]),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+                        fontsize=6, xytext=(2, 4 + 9 * (i % 3) if i % 2 == 0 else -10 - 9 * (i % 3)),
+                        textcoords="offset points", rotation=20)
     ax.set_xscale("log")
     ax.set_ylim(-5, 105)
     ax.set_xlabel("answer tokens per second (CPU, log scale)")
