@@ -504,9 +504,9 @@ def plot(rows: list, path: Path) -> None:
         for i, r in enumerate(mine):
             ax.scatter(r["tokens_per_s"], 100 * r["exact"], marker=marker)
             # settings of equal accuracy sit on one line: labels alternate above and below it
+            rise = 4 + 9 * (i % 3) if i % 2 == 0 else -10 - 9 * (i % 3)
             ax.annotate(f"{short} {r['setting']}", (r["tokens_per_s"], 100 * r["exact"]),
-                        fontsize=6, xytext=(2, 4 + 9 * (i % 3) if i % 2 == 0 else -10 - 9 * (i % 3)),
-                        textcoords="offset points", rotation=20)
+                        fontsize=6, xytext=(2, rise), textcoords="offset points", rotation=20)
     ax.set_xscale("log")
     ax.set_ylim(-5, 105)
     ax.set_xlabel("answer tokens per second (CPU, log scale)")
