@@ -26,11 +26,14 @@
      (drawn uniformly, 48-512 by default: the short ones bridge from stage 1's layout; leading
      spaces fill what the examples leave), and the answer is the task's exactly checkable one.
      The BERT variant has absolute position embeddings for 1,024 positions (modernbert_tiny's
-     max_positions); those past 48 are first trained here.
+     max_positions); those past 48 are first trained here, and it learns only with prompts of
+     one length (DEFAULTS: exactly 512, the held-out length), so that the task and its answer
+     sit at the same absolute positions in every row, as in stage 1. On 48-512-token prompts it
+     answered EOS at once on every prompt (600 and 1,200 steps). A BERT trained this way answers
+     512-token prompts only.
    What did not learn, on this CPU (benchmarks/RESULTS.md has the figures): stage 1's skill
    alone on few-shot prompts; the few-shot layout from scratch with an answer area of 64; stage
-   1 with an answer area of 64 (phrase); BERT's stage 2 (it answers EOS at once), also with
-   stage-1 offsets up to 160.
+   1 with an answer area of 64 (phrase); BERT's stage 1 with offsets up to 160.
 2. In one process, answers the same held-out prompts, each `--eval-length` (512) tokens
    (canvas = prompt + 64 masks, as in training; batched), with each setting: original, llada,
    fast, fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of
@@ -71,11 +74,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from sampling_speed import run  # noqa: E402  (runs run.py with LDM_OUTPUTS set)
 
 VOCAB = 262  # byte-level BPE without merges: the same tokenizer whatever text it is trained on
-# per-architecture defaults of --steps, --lr, --short-steps, --short-lr (the recorded run's)
-DEFAULTS = {"steps": {"bert": 1200, "modernbert": 1500}, "lr": {"bert": 4e-4, "modernbert": 1e-3},
+# per-architecture defaults of --steps, --lr, --short-steps, --short-lr, --short-offset and
+# --prompts: those of the recorded run (benchmarks/RESULTS.md)
+DEFAULTS = {"steps": {"bert": 700, "modernbert": 1500}, "lr": {"bert": 1e-3, "modernbert": 1e-3},
             "short_steps": {"bert": 1000, "modernbert": 1000},
             "short_lr": {"bert": 1e-3, "modernbert": 3e-3},
-            "short_offset": {"bert": 0, "modernbert": 0}}
+            "short_offset": {"bert": 0, "modernbert": 0},
+            "prompts": {"bert": (512, 512), "modernbert": (48, 512)}}
+PER_ARCH = ("steps", "lr", "short_steps", "short_lr", "short_offset")  # one value or one per arch
 CONTEXTS = (48, 128, 256)  # stage 1's context: the smallest that holds its longest prompt (chat
 # marks included) + --short-answer
 LONG = 1024  # stage-2 context (the models' positions): rows are at most PROMPTS[1] + --max-new
@@ -254,8 +260,8 @@ def bench_arch(arch: str, args, outputs: Path) -> list:
     steps, lr, short_steps, short_lr, short_offset = (
         DEFAULTS[flag][arch] if getattr(args, flag) is None
         else getattr(args, flag)[pick] if len(getattr(args, flag)) > 1 else getattr(args, flag)[0]
-        for flag in ("steps", "lr", "short_steps", "short_lr", "short_offset"))
-    lo, hi = args.prompts
+        for flag in PER_ARCH)
+    lo, hi = args.prompts or DEFAULTS["prompts"][arch]
     name = f"sampling-cache-{arch}-{'-'.join(args.tasks)}"
     offset = f"-offset{short_offset}" if short_offset else ""
     short = (outputs / "models"
@@ -298,7 +304,7 @@ def bench_arch(arch: str, args, outputs: Path) -> list:
     # every row is its prompt + exactly --max-new answer positions (answer, EOS, EOS padding),
     # laid out like the sampler's canvas; rows of a batch are padded with attention masking
     few = [f"init_from={short}", f"context=ctx{LONG}", "dataset=local_chat",
-           f"dataset.paths=[{few_shot_file(outputs, args)}]", "dataset.padding=answer",
+           f"dataset.paths=[{few_shot_file(outputs, args, (lo, hi))}]", "dataset.padding=answer",
            f"dataset.answer_positions={args.max_new}"]
     train_stage(f"[{arch}] stage 2 (ctx{LONG}, {args.examples} few-shot chats of {lo}-{hi} "
                 f"prompt tokens + {args.max_new})", few,
@@ -307,10 +313,11 @@ def bench_arch(arch: str, args, outputs: Path) -> list:
     return evaluate_arch(arch, args, long)
 
 
-def few_shot_file(outputs: Path, args) -> Path:
-    """Write stage 2's few-shot chats as a messages .jsonl; return its path."""
-    path = outputs / "few_shot.jsonl"
-    write_chats(path, few_shot(args.examples, args.seed, args.tasks, args.prompts))
+def few_shot_file(outputs: Path, args, lengths) -> Path:
+    """Write stage 2's few-shot chats of `lengths` (lo, hi) prompt tokens as a messages .jsonl;
+    return its path."""
+    path = outputs / f"few_shot_{lengths[0]}-{lengths[1]}.jsonl"
+    write_chats(path, few_shot(args.examples, args.seed, args.tasks, lengths))
     return path
 
 
@@ -541,8 +548,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+",
                         help="stage-2 lr: one per --arch or one for all (default: DEFAULTS)")
     parser.add_argument("--examples", type=int, default=4000, help="few-shot chats of stage 2")
-    parser.add_argument("--prompts", type=int, nargs=2, default=[48, PROMPTS[1]],
-                        metavar=("LO", "HI"), help="stage-2 prompt lengths in tokens (uniform)")
+    parser.add_argument("--prompts", type=int, nargs=2, metavar=("LO", "HI"),
+                        help="stage-2 prompt lengths in tokens (uniform), for every --arch "
+                             "(default: DEFAULTS)")
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--eval-length", type=int, default=PROMPTS[1],
                         help="tokens of every held-out few-shot prompt, chat marks included")
@@ -560,9 +568,9 @@ def main() -> None:
                      f"prompt of {PROMPTS[1]} tokens within {LONG} positions)")
     if not 64 <= args.eval_length <= PROMPTS[1]:
         parser.error(f"--eval-length must be in 64..{PROMPTS[1]}")
-    if not 48 <= args.prompts[0] <= args.prompts[1] <= PROMPTS[1]:
+    if args.prompts and not 48 <= args.prompts[0] <= args.prompts[1] <= PROMPTS[1]:
         parser.error(f"--prompts LO HI must satisfy 48 <= LO <= HI <= {PROMPTS[1]}")
-    for flag in DEFAULTS:  # unset: the architecture's default
+    for flag in PER_ARCH:  # unset: the architecture's default
         if getattr(args, flag) is not None and len(getattr(args, flag)) not in (1, len(args.arch)):
             parser.error(f"--{flag.replace('_', '-')} takes one value, or one per --arch")
     outputs = Path(args.outputs)
