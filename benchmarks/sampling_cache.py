@@ -149,8 +149,9 @@ def check(task: str, answer: str, reference: str) -> bool:
     """Return whether `answer` is right for `task` (phrase: exact, else the library's check)."""
     from ldm.data import synthetic
 
-    return answer.strip() == reference if task == "phrase" else synthetic.check(
-        task, answer, reference)
+    if task == "phrase":
+        return synthetic.check_exact(answer, reference)
+    return synthetic.check(task, answer, reference)
 
 
 def few_shot(n: int, seed: int, tasks, lengths) -> list:
