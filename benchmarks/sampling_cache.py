@@ -43,8 +43,10 @@
    (canvas = prompt + 64 masks, as in training; batched), with each setting: original, llada,
    fast, fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of
    `--reps` (default 5) repetitions, the settings' order alternating between repetitions, with
-   the min-max spread; tokens/s counts the answer positions decoded (committed, EOS padding
-   included) per second. Exact match is the task's check: one right answer for the library's
+   the min-max spread; tokens/s counts each answer's whole area (--max-new positions, decoded
+   or EOS by early stop) per second, the same for every setting, so its ratios are ratios of
+   time per answer; "decoded" is the positions a setting committed per answer (early stop ends
+   an answer at the block holding its EOS). Exact match is the task's check: one right answer for the library's
    tasks, any right one for letters and anyorder. Also reported: exact match (overall and per
    task), model calls (NFE)
    per answer and model-equivalent compute per answer (estimated forward FLOPs of the encoder +
@@ -265,7 +267,7 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
     fn = hf_logits_fn(model)
     settings = SamplerSettings.from_config(settings, model.config.max_position_embeddings)
     banned = never_emitted_ids(tok, model.config.vocab_size)
-    seconds = tokens = correct = nfe = flops = 0.0
+    seconds = tokens = decoded = correct = nfe = flops = 0.0
     by_task = {}  # task -> [correct, answers]
     for start in range(0, len(jobs), batch):
         part = jobs[start:start + batch]
@@ -277,10 +279,12 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
         seconds += time.perf_counter() - began
         nfe += result.nfe * len(part)
         flops += result.flops
-        # Throughput counts the answer positions each setting decoded (committed), EOS padding
-        # included: an answer that ends early is cheaper, but a model that answers with EOS at
-        # once would otherwise score 0 tokens/s whatever the sampler's speed.
-        tokens += sum(result.committed)
+        # Throughput counts each answer's whole area (max_new_tokens positions: decoded, or EOS
+        # by early stop), the same for every setting, so its ratios are ratios of time per
+        # answer, what a user waits. Counting only decoded positions would credit a setting
+        # without early stop (original fills all 64) with the EOS padding it decodes.
+        tokens += len(part) * settings.max_new_tokens
+        decoded += sum(result.committed)
         for job, ids in zip(part, result.tokens):
             answer = tok.decode(ids, skip_special_tokens=True).strip()
             ok = check(job["task"], answer, job["answer"])
@@ -288,8 +292,8 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
             counts = by_task.setdefault(job["task"], [0, 0])
             counts[0] += ok
             counts[1] += 1
-    return {"seconds": seconds, "tokens": tokens, "correct": correct, "nfe": nfe, "flops": flops,
-            "by_task": by_task}
+    return {"seconds": seconds, "tokens": tokens, "decoded": decoded, "correct": correct,
+            "nfe": nfe, "flops": flops, "by_task": by_task}
 
 
 def train_stage(label: str, prepare: list, sft: list, steps: int, batch: int, outputs: Path,
@@ -500,7 +504,7 @@ def table_rows(arch: str, settings, runs: dict, answers: int, full: float) -> li
                      "exact": statistics.mean(r["correct"] for r in reps) / answers,
                      "nfe": reps[0]["nfe"] / answers,
                      "compute": reps[0]["flops"] / answers / full,
-                     "tokens": reps[0]["tokens"] / answers, "reps": len(reps),
+                     "decoded": reps[0]["decoded"] / answers, "reps": len(reps),
                      "answers": answers,
                      "by_task": {task: statistics.mean(r["by_task"][task][0] for r in reps) / n
                                  for task, (_, n) in sorted(reps[0]["by_task"].items())}})
@@ -510,7 +514,7 @@ def table_rows(arch: str, settings, runs: dict, answers: int, full: float) -> li
 def report(rows: list) -> list:
     """Print the table and the goals; return (text, ok) goals (ok None: a note on the goals)."""
     print(f"\n{'arch':<11}{'setting':<20}{'exact':>7}{'tok/s':>8}{'spread':>15}{'vs fast':>8}"
-          f"{'vs orig':>8}{'NFE':>6}{'model-eq':>9}{'tokens':>7}  exact by task")
+          f"{'vs orig':>8}{'NFE':>6}{'model-eq':>9}{'decoded':>8}  exact by task")
     goals = []
     for arch in dict.fromkeys(r["arch"] for r in rows):
         mine = {r["setting"]: r for r in rows if r["arch"] == arch}
@@ -520,7 +524,7 @@ def report(rows: list) -> list:
             print(f"{arch:<11}{r['setting']:<20}{r['exact']:>7.1%}{r['tokens_per_s']:>8.1f}"
                   f"{f'{lo:.1f}-{hi:.1f}':>15}{r['tokens_per_s'] / fast['tokens_per_s']:>7.2f}x"
                   f"{r['tokens_per_s'] / original['tokens_per_s']:>7.1f}x{r['nfe']:>6.1f}"
-                  f"{r['compute']:>9.2f}{r['tokens']:>7.1f}  "
+                  f"{r['compute']:>9.2f}{r['decoded']:>8.1f}  "
                   + " ".join(f"{task} {value:.0%}" for task, value in r["by_task"].items()))
         dual = mine["fast+dual"]
         ratio = dual["tokens_per_s"] / fast["tokens_per_s"]

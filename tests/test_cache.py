@@ -108,6 +108,32 @@ def test_steps_of_all_rows_and_of_a_subset_read_the_same_kept_entries(family, mo
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_retiring_finished_rows_changes_no_logits_of_the_rows_left(family, mode):
+    # Retired rows' entries are dropped so the rows left run in place; they must read the same
+    # entries as a cache that gathers them at every step, in this block and the next.
+    model = tiny(family)
+    ids, attn = padded_batch()
+    gathers, retires = BlockCache(model, mode, 3), BlockCache(model, mode, 3)
+    everyone, left = torch.arange(3), torch.tensor([0, 2])
+    moved = ids.clone()
+    moved[:, 26] = 6
+    with torch.inference_mode():
+        for cache in (gathers, retires):
+            cache.logits(ids, attn, everyone, 24, 32, block=0)
+        retires.retire(torch.tensor([False, True, False]))
+        assert retires.keys[0].shape[0] == 2 and retires.slot.tolist() == [0, -1, 1]
+        for canvas, lo, block in ((moved, 24, 0), (ids, 24, 0), (moved, 32, 1), (ids, 32, 1)):
+            want = gathers.logits(canvas[left], attn[left], left, lo, lo + 8, block=block)
+            got = retires.logits(canvas[left], attn[left], left, lo, lo + 8, block=block)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        before = retires.full_forwards
+        back = retires.logits(ids[[1]], attn[[1]], torch.tensor([1]), 32, 40, block=1)
+    assert retires.full_forwards == before + 1  # a retired row asked for again: start over
+    torch.testing.assert_close(back, plain(model)(ids, attn)[[1], 32:40], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stale_keys_are_used_until_the_next_block(family):
     model = tiny(family)
     ids, attn = padded_batch()
@@ -182,6 +208,33 @@ def test_sampler_with_cache_refreshed_every_step_answers_as_uncached(family, mod
     assert got.nfe == want.nfe
     assert [s.committed.tolist() for s in got.history] == \
         [s.committed.tolist() for s in want.history]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_sampler_answers_the_same_whether_finished_rows_are_retired_or_gathered(
+        family, mode, monkeypatch):
+    model = tiny(family)
+    with torch.no_grad():
+        model.get_output_embeddings().bias[EOS] += 2.0  # rows finish at different steps
+    settings = SamplerSettings(max_new_tokens=16, steps=16, block_length=8, threshold=0.5,
+                               cache=mode)
+    held = []
+    retire = BlockCache.retire
+
+    def spy(cache, done):
+        retire(cache, done)
+        held.append(cache.keys[0].shape[0])
+
+    monkeypatch.setattr(BlockCache, "retire", spy)
+    retired = generate(hf_logits_fn(model), prompts(), settings, **IDS)
+    monkeypatch.setattr(BlockCache, "retire", lambda cache, done: None)
+    gathered = generate(hf_logits_fn(model), prompts(), settings, **IDS)
+    assert min(held) < 3  # some rows finished early and were retired
+    assert retired.tokens == gathered.tokens
+    assert [s.committed.tolist() for s in retired.history] == \
+        [s.committed.tolist() for s in gathered.history]
+    assert retired.nfe == gathered.nfe
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -164,8 +164,10 @@ class BlockCache:
     `logits(ids, attn, rows, lo, hi, block)` returns [R, hi - lo, V] logits for `rows` of the
     batch. A row whose keys/values come from another block (or none yet), or `refresh_every_step`,
     gets a full forward that refills its entries; otherwise only the positions of the mode are
-    computed. `positions` counts the query positions the encoder computed, `head_positions` the
-    positions the vocabulary head ran on, `flops` an estimate of both.
+    computed. `retire(done)` drops the entries of rows that will not be asked for again
+    (finished answers), so that the others are read and written in place instead of gathered at
+    every step. `positions` counts the query positions the encoder computed, `head_positions`
+    the positions the vocabulary head ran on, `flops` an estimate of both.
     """
 
     def __init__(self, model: nn.Module, mode: str, batch: int, *,
@@ -185,6 +187,8 @@ class BlockCache:
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
         self.block_of = torch.full((batch,), -1, dtype=torch.long)
+        # batch row -> its index in the kept tensors (-1: retired); kept in row order
+        self.slot = torch.arange(batch)
         self.positions = self.head_positions = self.full_forwards = 0
         self.flops = 0.0
 
@@ -193,6 +197,8 @@ class BlockCache:
                lo: int, hi: int, block: int) -> torch.Tensor:
         """Return [R, hi - lo, V] logits for the `rows` of the batch that `input_ids` holds."""
         rows_cpu = rows.cpu()
+        if self.keys and bool((self.slot[rows_cpu] < 0).any()):
+            self._reset()  # a retired row asked for again: start over with the whole batch
         stale = self.refresh_every_step or not self.keys or bool(
             (self.block_of[rows_cpu] != block).any())
         if stale:
@@ -214,11 +220,13 @@ class BlockCache:
         width = ids.shape[1]
         pos = true_positions(attn)
         real = None if bool(attn.bool().all()) else attn.bool()  # None: no padding to mask
-        # All rows of the batch in order: the kept tensors are used (and written) in place, no
-        # gather. Writing a step's keys/values of [start, end) into the cache is safe: later
-        # steps of the block recompute those positions, and the next block refreshes them all.
-        whole = rows.numel() == self.batch and bool(
-            (rows.cpu() == torch.arange(self.batch)).all())
+        # Every kept row in order: the kept tensors are used (and written) in place, no gather.
+        # Writing a step's keys/values of [start, end) into the cache is safe: later steps of
+        # the block recompute those positions, and the next block refreshes them all.
+        held = self.keys[0].shape[0] if self.keys else self.batch
+        slots = self.slot[rows.cpu()]
+        whole = slots.numel() == held and bool((slots == torch.arange(held)).all())
+        slots = slots.to(ids.device)
         hidden = self.family.embed(ids[:, start:end], pos[:, start:end])
         q_index = torch.arange(start, end, device=ids.device)
         k_index = torch.arange(width, device=ids.device)
@@ -232,11 +240,11 @@ class BlockCache:
                 self.values[i][:, :, start:end] = v
                 k, v = self.keys[i], self.values[i]
             elif store:
-                self.keys[i][rows] = k
-                self.values[i][rows] = v
+                self.keys[i][slots] = k
+                self.values[i][slots] = v
             else:
                 # Kept entries outside [start, end), fresh ones inside it (indexing copies).
-                keys, values = self.keys[i][rows], self.values[i][rows]
+                keys, values = self.keys[i][slots], self.values[i][slots]
                 keys[:, :, start:end] = k
                 values[:, :, start:end] = v
                 k, v = keys, values
@@ -249,6 +257,26 @@ class BlockCache:
         self.positions += hidden.shape[0] * hidden.shape[1]
         self.flops += flops_estimate(self.model.config, hidden.shape[0], hidden.shape[1], width, 0)
         return self.family.finish(hidden)
+
+    def retire(self, done: torch.Tensor) -> None:
+        """Drop the kept entries of the rows where `done` ([batch] bool) is True: they will not
+        be asked for again. One copy now instead of a gather at every later step."""
+        done = done.cpu()
+        kept = self.slot >= 0
+        keep = kept & ~done
+        if not self.keys or bool((keep == kept).all()):
+            return
+        index = self.slot[keep].to(self.keys[0].device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.slot = torch.full_like(self.slot, -1)
+        self.slot[keep] = torch.arange(int(keep.sum()))
+        self.block_of[~keep] = -1
+
+    def _reset(self) -> None:
+        self.keys, self.values = [], []
+        self.slot = torch.arange(self.batch)
+        self.block_of.fill_(-1)
 
     def _allocate(self, layers: int, hidden: torch.Tensor, width: int) -> None:
         heads = self.model.config.num_attention_heads

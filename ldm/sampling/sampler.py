@@ -191,6 +191,8 @@ def unmask_block(
                                 committed=committed[:, start:], nfe=canvas.nfe))
         if finished is not None:
             canvas.active &= ~finished(canvas.ids)
+            for cache in canvas.caches.values():
+                cache.retire(~canvas.active)  # finished rows are never asked for again
 
 
 @torch.inference_mode()
