@@ -411,7 +411,7 @@ def test_generate_rejects_bad_arguments_before_calling_the_model():
     assert validate_sampler_args(**GOOD) == 2
 
 
-@pytest.mark.parametrize("preset", ["original", "llada", "fast"])
+@pytest.mark.parametrize("preset", ["original", "llada", "fast", "fast_dual", "entropy_bound"])
 def test_sampler_presets_fit_the_schema_and_run(preset, tiny_bert):
     raw = OmegaConf.load(CONF / f"{preset}.yaml")
     assert list(raw.pop("defaults")) == ["schema", "_self_"]
@@ -426,6 +426,12 @@ def test_sampler_presets_fit_the_schema_and_run(preset, tiny_bert):
         assert options["early_stop"] is False
     if preset == "fast":
         assert options["threshold"] == 0.9 and options["block_length"] == 32
+    if preset == "fast_dual":  # fast with the dual cache, nothing else changed
+        fast = OmegaConf.to_container(OmegaConf.load(CONF / "fast.yaml"))
+        mine = OmegaConf.to_container(OmegaConf.load(CONF / "fast_dual.yaml"))
+        assert fast["cache"] == "none" and mine["cache"] == "dual"
+        assert {k: v for k, v in mine.items() if k not in ("name", "cache")} == \
+            {k: v for k, v in fast.items() if k not in ("name", "cache")}
     result = generate(
         tiny_bert, [[10, 11]], **IDS, **options, max_positions=128, generator=seeded(0)
     )
