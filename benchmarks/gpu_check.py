@@ -9,10 +9,12 @@ What it records (printed, and written as JSON to --out):
              built from config (random weights: no hub), batch x 1024 tokens: tokens/s, MFU
              against the card's datasheet bf16 dense peak (target >= 40%) and against a matmul
              measured here, peak memory. Median of the measured steps, with min and max.
-  sampling   the `fast` sampler preset (conf/sampler/fast.yaml) answering a batch of prompts:
-             answer tokens/s, model calls/s and calls per answer. A random-weight model is
-             rarely 90% sure of a token, so it commits about one token per call: the tokens/s
-             printed is the per-call floor; a trained model commits several per call.
+  sampling   the `fast` sampler preset (conf/sampler/fast.yaml) answering a batch of prompts,
+             and `fast_dual` (the same with the dual KV cache), alternating, median of 5 with
+             min and max: answer tokens/s, model calls/s and calls per answer, and fast_dual's
+             speed-up. A random-weight model is rarely 90% sure of a token, so it commits about
+             one token per call: the tokens/s printed is the per-call floor; a trained model
+             commits several per call.
   lm-eval    seconds per item of the offline suites' two request kinds, when `ldm.benchmark`
              (the lm-eval adapter) is in this checkout: a loglikelihood item (Monte Carlo ELBO,
              mc_num rows, as the cloze/choice suites score) and a generate_until item (the
@@ -157,8 +159,8 @@ def train_speed(model, shape: dict, device: str, bf16: bool) -> dict:
             "peak_memory_gib": peak}
 
 
-def fast_settings(new_tokens: int, max_positions: int) -> SamplerSettings:
-    """Return the `fast` sampler preset's settings (conf/sampler/fast.yaml) for new_tokens."""
+def preset_settings(preset: str, new_tokens: int, max_positions: int) -> SamplerSettings:
+    """Return a sampler preset's settings (conf/sampler/<preset>.yaml) for new_tokens."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -167,17 +169,23 @@ def fast_settings(new_tokens: int, max_positions: int) -> SamplerSettings:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("config", overrides=["sampler=fast", f"sampler.max_new_tokens={new_tokens}"])
+        cfg = compose("config", overrides=[f"sampler={preset}",
+                                           f"sampler.max_new_tokens={new_tokens}"])
     GlobalHydra.instance().clear()
     return SamplerSettings.from_config(OmegaConf.to_container(cfg.sampler, resolve=True),
                                        max_positions=max_positions)
 
 
-def sampling_speed(model, shape: dict, device: str, bf16: bool) -> dict:
-    """Time the `fast` sampler on a batch of random prompts; return tokens/s and calls."""
+SAMPLING_PRESETS = ("fast", "fast_dual")
+
+
+def sampling_speed(model, shape: dict, device: str, bf16: bool, reps: int = 5) -> dict:
+    """Time the SAMPLING_PRESETS on a batch of random prompts, alternating; return
+    {preset: tokens/s, calls, seconds per batch}."""
     import contextlib
 
-    settings = fast_settings(shape["new_tokens"], shape["arch"]["max_position_embeddings"])
+    positions = shape["arch"]["max_position_embeddings"]
+    settings = {p: preset_settings(p, shape["new_tokens"], positions) for p in SAMPLING_PRESETS}
     model.eval()
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, shape["vocab"] - 100, (shape["prompts"], shape["prompt"]),
@@ -186,25 +194,32 @@ def sampling_speed(model, shape: dict, device: str, bf16: bool) -> dict:
         else contextlib.nullcontext
     kwargs = dict(mask_id=shape["mask"], eos_id=shape["eos"], special_ids=[shape["mask"]],
                   pad_id=0, device=device, record_history=False)
-    times, results = [], []
-    for rep in range(4):  # one warm-up, three measured
-        sync(device)
-        start = time.perf_counter()
-        with autocast():
-            result = generate(hf_logits_fn(model), prompts, settings, **kwargs)
-        sync(device)
-        if rep:
-            times.append(time.perf_counter() - start)
-            results.append(result)
-    seconds = spread(times)
-    tokens = statistics.median(sum(len(t) for t in r.tokens) for r in results)
-    calls = statistics.median(r.nfe for r in results)
+    times = {p: [] for p in SAMPLING_PRESETS}
+    results = {p: [] for p in SAMPLING_PRESETS}
+    for rep in range(reps + 1):  # one warm-up, then `reps` measured, the order alternating
+        order = SAMPLING_PRESETS if rep % 2 == 0 else SAMPLING_PRESETS[::-1]
+        for preset in order:
+            sync(device)
+            start = time.perf_counter()
+            with autocast():
+                result = generate(hf_logits_fn(model), prompts, settings[preset], **kwargs)
+            sync(device)
+            if rep:
+                times[preset].append(time.perf_counter() - start)
+                results[preset].append(result)
     model.train()
-    return {"settings": settings.as_record(), "prompts": shape["prompts"], "prompt_tokens": shape["prompt"],
-            "seconds_per_batch": seconds, "answer_tokens": tokens, "model_calls": calls,
-            "tokens_per_second": tokens / seconds["median"],
-            "calls_per_second": calls / seconds["median"],
-            "seconds_per_answer": seconds["median"] / shape["prompts"]}
+    out = {}
+    for preset in SAMPLING_PRESETS:
+        seconds = spread(times[preset])
+        tokens = statistics.median(sum(len(t) for t in r.tokens) for r in results[preset])
+        calls = statistics.median(r.nfe for r in results[preset])
+        out[preset] = {"settings": settings[preset].as_record(), "prompts": shape["prompts"],
+                       "prompt_tokens": shape["prompt"], "seconds_per_batch": seconds,
+                       "answer_tokens": tokens, "model_calls": calls,
+                       "tokens_per_second": tokens / seconds["median"],
+                       "calls_per_second": calls / seconds["median"],
+                       "seconds_per_answer": seconds["median"] / shape["prompts"]}
+    return out
 
 
 def lm_eval_speed(model, shape: dict, device: str, bf16: bool, sampling: dict) -> dict:
@@ -249,7 +264,9 @@ def report(out: dict) -> None:
     dev, tr, sa, le = out["device"], out["training"], out["sampling"], out["lm_eval"]
     print(f"device: {dev['name']}; datasheet bf16 dense peak "
           f"{dev['datasheet_peak'] / 1e12 if dev['datasheet_peak'] else float('nan'):.0f} TFLOP/s; "
-          f"measured {dev['matmul_dtype']} matmul {dev['measured_matmul'] / 1e12:.3f} TFLOP/s")
+          f"measured {dev['matmul_dtype']} matmul {dev['measured_matmul'] / 1e12:.3f} TFLOP/s "
+          f"(median of 3 between the runs, {dev['measured_matmul_spread']['min'] / 1e12:.3f}-"
+          f"{dev['measured_matmul_spread']['max'] / 1e12:.3f})")
     print(f"model: {out['shape']} ({out['parameters'] / 1e6:.1f}M parameters, built from config), "
           f"{'bf16 autocast' if out['bf16'] else 'fp32'}, batch {tr['batch']} x {tr['context']}")
     s = tr["seconds_per_step"]
@@ -263,11 +280,14 @@ def report(out: dict) -> None:
         print(f"[{verdict}] MFU vs the card's datasheet peak: {out['mfu_datasheet']:.1%} "
               f"(target >= {MFU_TARGET:.0%})")
     print(f"MFU vs the matmul measured here: {out['mfu_measured']:.1%}")
-    b = sa["seconds_per_batch"]
-    print(f"sampling (fast, {sa['prompts']} prompts of {sa['prompt_tokens']} tokens, "
-          f"{sa['settings']['max_new_tokens']} new): {sa['tokens_per_second']:,.1f} answer tokens/s, "
-          f"{sa['calls_per_second']:.1f} model calls/s, {sa['model_calls']} calls per batch; "
-          f"batch {b['median']:.3f} s (min {b['min']:.3f}, max {b['max']:.3f})")
+    for preset, figures in (("fast", sa), ("fast_dual", out["sampling_fast_dual"])):
+        b = figures["seconds_per_batch"]
+        print(f"sampling ({preset}, {figures['prompts']} prompts of {figures['prompt_tokens']} "
+              f"tokens, {figures['settings']['max_new_tokens']} new): "
+              f"{figures['tokens_per_second']:,.1f} answer tokens/s, "
+              f"{figures['calls_per_second']:.1f} model calls/s, {figures['model_calls']} calls "
+              f"per batch; batch {b['median']:.3f} s (min {b['min']:.3f}, max {b['max']:.3f})")
+    print(f"fast_dual (dual KV cache) vs fast: {out['dual_speedup']:.2f}x the answer tokens/s")
     if "skipped" in le:
         print(f"lm-eval offline suites: skipped: {le['skipped']}")
     else:
@@ -297,18 +317,27 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    measured = measured_matmul(device, dtype)
+    # the matmul peak is measured between the runs, not once: one measurement can be far off
+    matmuls = [measured_matmul(device, dtype)]
     model = build(shape, device, args.compile)
     training = train_speed(model, shape, device, bf16)
+    matmuls.append(measured_matmul(device, dtype))
     sampling = sampling_speed(model, shape, device, bf16)
-    lm_eval = lm_eval_speed(model, shape, device, bf16, sampling)
+    matmuls.append(measured_matmul(device, dtype))
+    measured = statistics.median(matmuls)
+    lm_eval = lm_eval_speed(model, shape, device, bf16, sampling["fast"])
     peak = datasheet_peak(card) if device == "cuda" else None
     out = {
         "shape": "ModernBERT-large" if name == "gpu" else "tiny (cpu smoke)",
         "parameters": sum(p.numel() for p in model.parameters()), "bf16": bf16,
         "device": {"name": card, "datasheet_peak": peak, "measured_matmul": measured,
+                   "measured_matmul_spread": spread(matmuls),
                    "matmul_dtype": str(dtype).replace("torch.", "")},
-        "training": training, "sampling": sampling, "lm_eval": lm_eval,
+        "training": training, "sampling": sampling["fast"],
+        "sampling_fast_dual": sampling["fast_dual"],
+        "dual_speedup": (sampling["fast_dual"]["tokens_per_second"]
+                         / sampling["fast"]["tokens_per_second"]),
+        "lm_eval": lm_eval,
         "mfu_datasheet": training["flops_per_second"] / peak if peak else None,
         "mfu_measured": training["flops_per_second"] / measured,
         "mfu_target": MFU_TARGET,

@@ -134,6 +134,20 @@ def test_retiring_finished_rows_changes_no_logits_of_the_rows_left(family, mode)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_kept_keys_are_stored_in_the_dtype_autocast_computes_them_in(family):
+    # bf16 autocast (as on a GPU): the kept keys/values are bf16 like the attention's inputs,
+    # half the memory of float32, and the logits follow the uncached model under autocast.
+    model = tiny(family)
+    ids, attn = padded_batch()
+    cache = BlockCache(model, "dual", 3, refresh_every_step=True)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cache.logits(ids, attn, torch.arange(3), 24, 32, block=0).float()
+        want = plain(model)(ids, attn)[:, 24:32].float()
+    assert cache.keys[0].dtype == cache.values[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_stale_keys_are_used_until_the_next_block(family):
     model = tiny(family)
     ids, attn = padded_batch()

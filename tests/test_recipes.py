@@ -366,6 +366,12 @@ def test_gpu_check_cpu_smoke_records_every_figure(tmp_path):
     assert training["seconds_per_step"]["min"] <= training["seconds_per_step"]["median"]
     assert 0 < figures["mfu_measured"] < 1.5 and figures["mfu_target"] == 0.4
     assert sampling["settings"]["threshold"] == 0.9  # the fast preset, read from its config
+    dual = figures["sampling_fast_dual"]
+    assert dual["settings"]["cache"] == "dual" and sampling["settings"]["cache"] == "none"
+    assert dual["tokens_per_second"] > 0 and figures["dual_speedup"] > 0
+    spread = figures["device"]["measured_matmul_spread"]
+    assert spread["min"] <= figures["device"]["measured_matmul"] <= spread["max"]
     assert sampling["tokens_per_second"] > 0 and sampling["model_calls"] >= 1
     assert "skipped" in figures["lm_eval"] or figures["lm_eval"]["loglikelihood"]["seconds_per_item"] > 0
-    assert "training:" in proc.stdout and "sampling (fast" in proc.stdout
+    assert "training:" in proc.stdout and "sampling (fast," in proc.stdout
+    assert "sampling (fast_dual," in proc.stdout and "fast_dual (dual KV cache) vs fast" in proc.stdout

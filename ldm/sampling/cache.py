@@ -230,11 +230,11 @@ class BlockCache:
         hidden = self.family.embed(ids[:, start:end], pos[:, start:end])
         q_index = torch.arange(start, end, device=ids.device)
         k_index = torch.arange(width, device=ids.device)
-        if store and not self.keys:
-            self._allocate(len(self.layer_list), hidden, width)
         masks: Dict[Optional[int], Optional[torch.Tensor]] = {}  # window -> mask, per call
         for i, layer in enumerate(self.layer_list):
             q, k, v, saved = self.family.qkv(layer, hidden, pos[:, start:end])
+            if store and not self.keys:  # in the keys' own dtype (bf16 under autocast)
+                self._allocate(len(self.layer_list), k, width)
             if whole:
                 self.keys[i][:, :, start:end] = k
                 self.values[i][:, :, start:end] = v
@@ -278,12 +278,11 @@ class BlockCache:
         self.slot = torch.arange(self.batch)
         self.block_of.fill_(-1)
 
-    def _allocate(self, layers: int, hidden: torch.Tensor, width: int) -> None:
-        heads = self.model.config.num_attention_heads
-        head_dim = self.model.config.hidden_size // heads
-        shape = (self.batch, heads, width, head_dim)
-        self.keys = [hidden.new_zeros(shape) for _ in range(layers)]
-        self.values = [hidden.new_zeros(shape) for _ in range(layers)]
+    def _allocate(self, layers: int, like: torch.Tensor, width: int) -> None:
+        """Allocate every layer's kept keys/values: [batch, heads, width, head_dim] as `like`."""
+        shape = (self.batch, like.shape[1], width, like.shape[-1])
+        self.keys = [like.new_zeros(shape) for _ in range(layers)]
+        self.values = [like.new_zeros(shape) for _ in range(layers)]
 
 
 def flops_estimate(config, rows: int, queries: int, keys: int, head_positions: int) -> float:
