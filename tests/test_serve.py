@@ -188,6 +188,26 @@ def test_a_cancelled_request_stops_its_run(live):
     assert live.engine.stats["steps"] - steps < 40  # far fewer than the 64 it was asked for
 
 
+def test_a_run_whose_reader_went_away_leaves_the_runs_in_flight_unclosed(live):
+    # A cancelled request's generator may never be closed by the server: the run must still
+    # stop (after abandon_after unread) and leave the runs in flight when its worker ends.
+    from ldm.sampling.settings import SamplerSettings
+
+    settings = SamplerSettings(max_new_tokens=64, steps=64, block_length=32, max_positions=128)
+    live.delay, live.engine.abandon_after = 0.05, 1.0
+    try:
+        frames = live.engine.answer([{"role": "user", "content": "never mind"}], [settings])
+        next(frames)  # the first frame is read, then nothing more, and nothing closes it
+        assert live.engine.running() == 1
+        stopped = live.engine.stats["stopped"]
+        wait_for(lambda: live.engine.running() == 0, timeout=20)
+        assert live.engine.stats["stopped"] == stopped + 1
+        frames.close()  # closing it afterwards is harmless
+        assert live.engine.running() == 0
+    finally:
+        live.delay, live.engine.abandon_after = 0.0, 10.0
+
+
 def test_side_by_side_streams_both_canvases_with_their_model_calls(live):
     client = live.client()
     job = client.submit(prompt="the king", left="llada", right="fast", max_new_tokens=16,

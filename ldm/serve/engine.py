@@ -98,6 +98,17 @@ class Engine:
             self._running.setdefault(key, []).append(stop)
             self.stats["runs"] += len(jobs)
         channel: "queue.Queue" = queue.Queue(maxsize=2 * len(jobs))
+        working = [len(jobs)]  # worker threads not yet ended
+
+        def release():
+            # The run leaves the runs in flight when its last worker ends or its reader closes,
+            # whichever comes first: a cancelled request's generator may never be closed.
+            with self._lock:
+                runs = self._running.get(key, [])
+                if any(event is stop for event in runs):
+                    runs.remove(stop)
+                    if not runs:
+                        del self._running[key]
 
         def put(item, final=False):
             waited = 0.0
@@ -135,6 +146,12 @@ class Engine:
                 put((index, "stopped", time.perf_counter() - start), final=True)
             except BaseException as err:  # shown in the page; the server keeps serving
                 put((index, "error", err), final=True)
+            finally:
+                with self._lock:
+                    working[0] -= 1
+                    last = working[0] == 0
+                if last:
+                    release()
 
         threads = [threading.Thread(target=work, args=(i, job), daemon=True)
                    for i, job in enumerate(jobs)]
@@ -153,10 +170,7 @@ class Engine:
             stop.set()
             for thread in threads:
                 thread.join(timeout=120)
-            with self._lock:
-                self._running[key].remove(stop)
-                if not self._running[key]:
-                    del self._running[key]
+            release()
 
     # --- chat and side by side -------------------------------------------------------------
 
