@@ -12,8 +12,9 @@
    max_new_tokens masks); rows of different lengths are batched with attention-masked padding.
    A model this small reads the room left for its answer from where the row ends.
    - stage 1: SFT from scratch on the short synthetic tasks (`--tasks`) with an answer area
-     of `--short-answer` (16) tokens at ctx48, the quickstart's recipe; its exact match on 40
-     short prompts (canvas = prompt + 16) is printed, to tell an undertrained stage 1 from a
+     of `--short-answer` (16) tokens at ctx48, laid out as the quickstart's task model; its
+     exact match on 40 short prompts (canvas = prompt + 16) is printed, to tell an
+     undertrained stage 1 from a
      stage 2 that did not transfer. BERT (post-LayerNorm) learns nothing at the lr of 3e-3
      that ModernBERT learns with, and its tasks at 1e-3. The default tasks are this script's
      `letters` and `anyorder` (see OWN_TASKS): answers with several right forms, so that even
