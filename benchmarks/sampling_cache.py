@@ -11,18 +11,17 @@
    (the answer, its EOS, then EOS padding), laid out like the sampler's canvas (prompt +
    max_new_tokens masks); rows of different lengths are batched with attention-masked padding.
    A model this small reads the room left for its answer from where the row ends.
-   - stage 1: SFT from scratch on the short synthetic tasks (`--tasks`) with an answer area
-     of `--short-answer` (16) tokens at ctx48, laid out as the quickstart's task model; its
-     exact match on 40 short prompts (canvas = prompt + 16) is printed, to tell an
-     undertrained stage 1 from a
-     stage 2 that did not transfer. BERT (post-LayerNorm) learns nothing at the lr of 3e-3
-     that ModernBERT learns with, and its tasks at 1e-3. The default tasks are this script's
-     `letters` and `anyorder` (see OWN_TASKS): answers with several right forms, so that even
-     a well-trained model must commit its choices over several calls, as with open-ended text.
-     With one right answer (the library's copy and reverse), a trained model fills a block in
-     one call and the cache has nothing to save (benchmarks/RESULTS.md, fourth run).
-     `--short-offset N` starts each prompt after 0..N spaces (absolute positions up to N for
-     BERT); `--tasks ... phrase` adds a long-answer task (copy 4-9 real words, answers of up
+   - stage 1: SFT from scratch on the short synthetic tasks (`--tasks`) with an answer area of
+     `--short-answer` (16) tokens at ctx48, laid out as the quickstart's task model; its exact
+     match on 40 short prompts (canvas = prompt + 16) is printed, to tell an undertrained stage
+     1 from a stage 2 that did not transfer. BERT (post-LayerNorm) learns nothing at the lr of
+     3e-3 that ModernBERT learns with, and its tasks at 1e-3. The default tasks are this
+     script's `letters` and `anyorder` (see OWN_TASKS): answers with several right forms, so
+     that even a well-trained model must commit its choices over several calls, as with
+     open-ended text. With one right answer (the library's copy and reverse), a trained model
+     fills a block in one call and the cache has nothing to save (benchmarks/RESULTS.md, fourth
+     run). `--short-offset N` starts each prompt after 0..N spaces (absolute positions up to N
+     for BERT); `--tasks ... phrase` adds a long-answer task (copy 4-9 real words, answers of up
      to 56 tokens), which needs an answer area of 64 already in stage 1.
    - stage 2: SFT from the stage-1 export (`init_from`: its weights, model group and tokenizer,
      with which the few-shot chats are prepared) on few-shot chats with an answer area of
@@ -40,21 +39,20 @@
    alone on few-shot prompts; the few-shot layout from scratch with an answer area of 64; stage
    1 with an answer area of 64 (phrase); BERT's stage 1 with offsets up to 160; anyorder with
    4-6 words (2-3 are learned in part).
-2. In one process, answers the same held-out prompts, each `--eval-length` (512) tokens
-   (canvas = prompt + 64 masks, as in training; batched), with each setting: original, llada,
-   fast, fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of
-   `--reps` (default 5) repetitions, the settings' order alternating between repetitions, with
-   the min-max spread; tokens/s counts each answer's whole area (--max-new positions, decoded
-   or EOS by early stop) per second, the same for every setting, so its ratios are ratios of
-   time per answer; "decoded" is the positions a setting committed per answer (early stop ends
-   an answer at the block holding its EOS). Exact match is the task's check: one right answer
-   for the library's tasks, any right one for letters and anyorder. Also reported: exact match
-   (overall and per task), model calls (NFE) per answer and model-equivalent compute per
-   answer (estimated forward FLOPs of the encoder +
-   head over those of one uncached full forward of the canvas), and the milliseconds of one
-   full forward of a batch through transformers (what `cache=none` runs) and through the
-   cache's own layer loop (what starts each cached block), so that a reader can tell the
-   cache's saving from a difference between the two implementations.
+2. In one process, answers the same held-out prompts, each `--eval-length` (512) tokens (canvas
+   = prompt + 64 masks, as in training; batched), with each setting: original, llada, fast,
+   fast+prefix, fast+dual, entropy_bound, entropy_bound+dual. Timings are the median of `--reps`
+   (default 5) repetitions, the settings' order alternating between repetitions, with the
+   min-max spread; tokens/s counts each answer's whole area (--max-new positions, decoded or EOS
+   by early stop) per second, the same for every setting, so its ratios are ratios of time per
+   answer; "decoded" is the positions a setting committed per answer (early stop ends an answer
+   at the block holding its EOS). Exact match is the task's check: one right answer for the
+   library's tasks, any right one for letters and anyorder. Also reported: exact match (overall
+   and per task), model calls (NFE) per answer and model-equivalent compute per answer
+   (estimated forward FLOPs of the encoder + head over those of one uncached full forward of the
+   canvas), and the milliseconds of one full forward of a batch through transformers (what
+   `cache=none` runs) and through the cache's own layer loop (what starts each cached block), so
+   that a reader can tell the cache's saving from a difference between the two implementations.
 3. Prints the goals with PASS/FAIL: fast+dual >= 3x the tokens/s of fast at <= 1 point less
    exact match; the best setting >= 15x the tokens/s of original at equal or better exact match.
    Saves accuracy vs tokens/s as sampling_cache.png next to RESULTS.md (`--plot`), the rows as

@@ -202,13 +202,14 @@ class BlockCache:
         stale = self.refresh_every_step or not self.keys or bool(
             (self.block_of[rows_cpu] != block).any())
         if stale:
-            hidden = self._forward(input_ids, attention_mask, rows, 0, input_ids.shape[1], store=True)
+            hidden = self._forward(input_ids, attention_mask, rows_cpu, 0, input_ids.shape[1],
+                                   store=True)
             self.block_of[rows_cpu] = block
             self.full_forwards += 1
             hidden = hidden[:, lo:hi]
         else:
             end = input_ids.shape[1] if self.mode == "prefix" else hi
-            hidden = self._forward(input_ids, attention_mask, rows, lo, end, store=False)
+            hidden = self._forward(input_ids, attention_mask, rows_cpu, lo, end, store=False)
             hidden = hidden[:, : hi - lo]
         self.head_positions += hidden.shape[0] * hidden.shape[1]
         self.flops += flops_estimate(self.model.config, hidden.shape[0], 0, 0, hidden.shape[1])
@@ -216,7 +217,7 @@ class BlockCache:
 
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, start: int,
                  end: int, store: bool) -> torch.Tensor:
-        """Return the final hidden states of positions [start, end) of `rows`."""
+        """Return the final hidden states of positions [start, end) of `rows` (batch rows, CPU)."""
         width = ids.shape[1]
         pos = true_positions(attn)
         real = None if bool(attn.bool().all()) else attn.bool()  # None: no padding to mask
@@ -224,7 +225,7 @@ class BlockCache:
         # Writing a step's keys/values of [start, end) into the cache is safe: later steps of
         # the block recompute those positions, and the next block refreshes them all.
         held = self.keys[0].shape[0] if self.keys else self.batch
-        slots = self.slot[rows.cpu()]
+        slots = self.slot[rows]
         whole = slots.numel() == held and bool((slots == torch.arange(held)).all())
         slots = slots.to(ids.device)
         hidden = self.family.embed(ids[:, start:end], pos[:, start:end])
@@ -261,10 +262,11 @@ class BlockCache:
     def retire(self, done: torch.Tensor) -> None:
         """Drop the kept entries of the rows where `done` ([batch] bool) is True: they will not
         be asked for again. One copy now instead of a gather at every later step."""
-        done = done.cpu()
+        if not self.keys:
+            return
         kept = self.slot >= 0
-        keep = kept & ~done
-        if not self.keys or bool((keep == kept).all()):
+        keep = kept & ~done.cpu()
+        if bool((keep == kept).all()):
             return
         index = self.slot[keep].to(self.keys[0].device)
         self.keys = [k.index_select(0, index) for k in self.keys]

@@ -105,7 +105,7 @@ class Engine:
             # whichever comes first: a cancelled request's generator may never be closed.
             with self._lock:
                 runs = self._running.get(key, [])
-                if any(event is stop for event in runs):
+                if stop in runs:  # an Event compares by identity
                     runs.remove(stop)
                     if not runs:
                         del self._running[key]
