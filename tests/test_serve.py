@@ -179,7 +179,9 @@ def test_a_cancelled_request_stops_its_run(live):
     try:
         job = live.client().submit(message="never mind", max_new_tokens=64, steps=64,
                                    block_length=32, api_name="/chat")
-        wait_for(lambda: live.engine.running() == 1)
+        # Cancel once the client has streamed a frame: gradio_client learns the event's id
+        # only then, and a cancel sent without it is refused by the server (HTTP 422).
+        wait_for(lambda: live.engine.running() == 1 and len(job.outputs()) >= 1)
         steps = live.engine.stats["steps"]
         job.cancel()
         wait_for(lambda: live.engine.running() == 0, timeout=40)
