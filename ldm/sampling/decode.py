@@ -10,6 +10,9 @@ from typing import Iterable, List, Optional
 
 import torch
 
+from ldm.errors import ConfigError
+from ldm.tokenizer import chat_token_ids
+
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
 
@@ -62,6 +65,21 @@ def never_emitted_ids(tok, vocab_size: Optional[int] = None) -> List[int]:
         banned.update(range(size, int(vocab_size)))
     if tok.eos_token_id is not None:
         banned.discard(int(tok.eos_token_id))
+    return sorted(banned)
+
+
+def chat_banned_ids(tok, vocab_size: Optional[int] = None) -> List[int]:
+    """Return `never_emitted_ids` plus the tokenizer's chat turn tokens, if it has them.
+
+    The chat turn tokens are special in our exports; a chat answer must never emit them,
+    whatever a hub model's tokenizer says about them.
+    """
+    banned = set(never_emitted_ids(tok, vocab_size))
+    try:
+        banned |= set(chat_token_ids(tok).values())
+    except ConfigError:  # no chat tokens: nothing more to ban
+        pass
+    banned.discard(tok.eos_token_id)
     return sorted(banned)
 
 

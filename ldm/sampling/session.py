@@ -15,16 +15,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.sampling.decode import never_emitted_ids
+from ldm.sampling.decode import chat_banned_ids
 from ldm.sampling.infill import infill as infill_canvases
 from ldm.sampling.prompts import (InfillTemplate, Prompt, chat_messages, check_prompt_text,
                                   infill_fills)
 from ldm.sampling.render import GifRecorder, LiveView, clean_answer
 from ldm.sampling.sampler import LogitsFn, generate
 from ldm.sampling.settings import SamplerSettings
-from ldm.errors import ConfigError, DataError
+from ldm.errors import DataError
 from ldm.faults import fault_injection, kill_point
-from ldm.tokenizer import chat_token_ids, encode_chat
+from ldm.tokenizer import encode_chat
 
 
 class Session:
@@ -36,12 +36,7 @@ class Session:
                  console=None, echo: bool = True, vocab_size: Optional[int] = None):
         self.model_fn, self.tok, self.mask_id, self.sampler = model_fn, tok, mask_id, sampler
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
-        banned = set(never_emitted_ids(tok, vocab_size))
-        try:  # the chat turn tokens are special in our exports; ban them whatever a hub model says
-            banned |= set(chat_token_ids(tok).values())
-        except ConfigError:
-            pass
-        self.special_ids = sorted(banned - {self.eos_id})
+        self.special_ids = chat_banned_ids(tok, vocab_size)
         self.path, self.batch_size, self.device = Path(path), batch_size, torch.device(device)
         self.render, self.max_positions = render, sampler.max_positions
         self.console, self.echo = console, echo

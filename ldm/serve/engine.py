@@ -18,14 +18,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from ldm.errors import ConfigError, LdmError
-from ldm.sampling.decode import never_emitted_ids
+from ldm.sampling.decode import chat_banned_ids
 from ldm.sampling.infill import infill
 from ldm.sampling.prompts import check_prompt_text, encode_infill, parse_infill
 from ldm.sampling.render import TokenPieces, clean_answer, step_title
 from ldm.sampling.sampler import LogitsFn, SamplerStep, generate
 from ldm.sampling.settings import SamplerSettings
 from ldm.serve.canvas import CommitTracker, canvas_html
-from ldm.tokenizer import chat_token_ids, encode_chat
+from ldm.tokenizer import encode_chat
 
 
 class Stopped(Exception):
@@ -58,12 +58,7 @@ class Engine:
         self.model_fn, self.tok, self.mask_id = model_fn, tok, mask_id
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.max_positions, self.device, self.seed, self.system = max_positions, device, seed, system
-        banned = set(never_emitted_ids(tok, vocab_size))
-        try:  # chat turn tokens are special in our exports; never emit them
-            banned |= set(chat_token_ids(tok).values())
-        except ConfigError:
-            pass
-        self.special_ids = sorted(banned - {self.eos_id})
+        self.special_ids = chat_banned_ids(tok, vocab_size)
         self.pieces = TokenPieces(tok)
         self._lock = threading.Lock()
         self._running: Dict[str, List[threading.Event]] = {}
