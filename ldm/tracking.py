@@ -81,6 +81,44 @@ def git_tags(repo: str | Path) -> Dict[str, str]:
     }
 
 
+VERSIONED = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "mlflow", "ldm")
+
+
+def cpu_model() -> str:
+    """Return the CPU's model name (/proc/cpuinfo on Linux, else the platform's word for it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment_tags() -> Dict[str, str]:
+    """Return tags that tell two runs' environments apart: library versions, CPU, GPU, threads."""
+    import importlib.metadata as md
+    import os
+
+    import torch
+
+    tags = {}
+    for name in VERSIONED:
+        try:
+            tags[f"version.{name}"] = md.version(name)
+        except md.PackageNotFoundError:
+            tags[f"version.{name}"] = "not installed"
+    tags["machine.cpu"] = cpu_model()
+    tags["machine.cores"] = str(os.cpu_count() or 0)
+    tags["machine.torch_threads"] = str(torch.get_num_threads())
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    tags["machine.gpu"] = ", ".join(gpus) if gpus else "none"
+    return tags
+
+
 @contextlib.contextmanager
 def sqlite_lock(uri: Optional[str]):
     """Hold an exclusive file lock next to a sqlite store (no-op for other URIs).

@@ -86,7 +86,7 @@ def test_a_failing_final_evaluation_keeps_the_trained_weights_in_a_checkpoint(pr
     cfg = compose_config(["task=pretrain", *TINY, "dataset=local_text", paths, *TRAIN,
                           "tracking=off", "run_name=boom"], outputs=outputs)
 
-    def failing(tokenizer, test, tracker):
+    def failing(tokenizer, test, *context):
         def on_eval(model, step):
             raise LdmError(f"evaluation failed at step {step}")
         return on_eval

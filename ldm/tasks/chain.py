@@ -47,15 +47,17 @@ def stage_commands(cfg: DictConfig) -> Dict[str, List[str]]:
             raise ConfigError(f"task.stages.{name} must be a list of overrides including task=<name>")
         if any(str(o) == "task=chain" for o in overrides):
             raise ConfigError(f"task.stages.{name} cannot run task=chain itself")
-        passed = [f"paths.outputs={cfg.paths.outputs}", f"tracking={cfg.tracking.name}"]
+        # the chain's seed reaches every stage, unless a stage names its own
+        passed = [f"paths.outputs={cfg.paths.outputs}", f"tracking={cfg.tracking.name}",
+                  f"seed={cfg.seed}"]
         if cfg.tracking.uri:
             passed.append(f"tracking.uri={cfg.tracking.uri}")
         commands[name] = [*passed, *[str(o) for o in overrides]]
     return commands
 
 
-SUMMARY_STAGE_KEYS = ("nelbo", "answers", "calls", "exports", "chat")
-SUMMARY_KEYS = (*SUMMARY_STAGE_KEYS, "examples", "notes")
+SUMMARY_STAGE_KEYS = ("nelbo", "answers", "calls", "exports", "chat", "trained")
+SUMMARY_KEYS = (*SUMMARY_STAGE_KEYS, "examples", "notes", "goal")
 
 
 def check_summary(cfg: DictConfig, commands: Dict[str, List[str]]) -> None:

@@ -7,6 +7,9 @@ What to show is data in the preset (`task.summary`), by stage name:
   calls: [a, b]            evaluate stages on the same prompts: mean model calls per answer
   exports: [stages]        training stages whose exports are loaded with AutoModelForMaskedLM
   chat: <stage>            the training stage whose export the chat command names
+  trained: <stage>         a training stage: how its training ended (steps, early stop, cap hit)
+  goal: 0.95               the exact match every task type of `answers` should reach; a type
+                           below it gets one plain line saying the run missed it
   notes: [lines]           printed last, as they are
 Evaluation figures come from each run folder's eval/metrics.json, so they print with tracking off.
 """
@@ -94,6 +97,41 @@ def train_figures(cfg: DictConfig, args: List[str]) -> Dict[str, float]:
     return dict(runs[0].data.metrics) if runs else {}
 
 
+def goal_line(metrics: Dict[str, float], goal: float) -> str:
+    """Return one line: every task type at or above `goal` exact match, or which ones missed."""
+    scores = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("exact_match.")}
+    if not scores:
+        return f"MISSED the goal: no held-out answers were scored (goal: {goal:.0%} on every type)"
+    missed = {k: v for k, v in sorted(scores.items()) if v < goal}
+    if missed:
+        return ("MISSED the goal of " + f"{goal:.0%} held-out exact match on every task type: "
+                + ", ".join(f"{k} {v:.1%}" for k, v in missed.items())
+                + "; train longer (task.params.sft_steps) or see benchmarks/RESULTS.md")
+    return f"goal met: every task type at >= {goal:.0%} held-out exact match"
+
+
+def training_line(outputs: Path, args: List[str]) -> str:
+    """Return how a training stage ended, from its export's ldm_export.json."""
+    from ldm.export import INFO_FILE
+
+    path = outputs / "models" / (value_of(args, "run_name") or "") / INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"training: no export information at {path}"
+    step, cap = info.get("step"), info.get("max_steps")
+    stopped = info.get("stopped")
+    if stopped and stopped.startswith("target reached"):
+        return f"training stopped at step {step} of at most {cap}: {stopped}"
+    if stopped:
+        return f"training HIT ITS CAP at step {step} of at most {cap}, before its target: {stopped}"
+    target = value_of(args, "task.target_exact_match")
+    if target not in (None, "null"):
+        return (f"training HIT ITS STEP CAP ({step} steps) before its target (held-out exact "
+                f"match >= {float(target):.0%} on every type)")
+    return f"training ran its {step} steps"
+
+
 def this_command() -> str:
     """Return the command line of this run (run.py and its overrides)."""
     try:
@@ -175,6 +213,12 @@ def print_summary(cfg: DictConfig, commands: Dict[str, List[str]], timings: Dict
         if parts:
             say(f"mean model calls per answer on the same {int(m.get('examples', 0))} prompts: "
                 + ", ".join(parts))
+
+    goal = spec.get("goal")
+    if answers and goal is not None:
+        say(goal_line(read_metrics(outputs, commands[answers]), float(goal)))
+    if spec.get("trained"):
+        say(training_line(outputs, commands[spec["trained"]]))
 
     say()
     if spec.get("chat"):

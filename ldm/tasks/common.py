@@ -152,6 +152,7 @@ def open_tracker(cfg: DictConfig, resume_run_id: Optional[str] = None) -> tracki
     uri, artifacts, experiment = tracking_target(cfg)
     tags = {"ldm.task": cfg.task.name, "ldm.command": " ".join(sys.argv)}
     tags.update(tracking.git_tags(cfg.paths.root))
+    tags.update(tracking.environment_tags())  # versions and machine: two runs that disagree
     tracker = tracking.Tracker(
         enabled=True, uri=uri, artifact_location=artifacts, experiment=experiment,
         run_name=cfg.run_name, parent_run_id=_sweep_parent_id(), resume_run_id=resume_run_id,

@@ -123,8 +123,7 @@ def run(cfg: DictConfig) -> float:
     from tqdm.auto import tqdm
 
     from ldm.data.store import load_prepared
-    from ldm.evaluate import (answer_all, answer_metrics, fixed_batches, heldout_answers,
-                               heldout_nelbo, prompts_in_training, synthetic_references)
+    from ldm.evaluate import answer_all, answer_jobs, answer_metrics, fixed_batches, heldout_nelbo
     from ldm.data.store import read_manifest
     from ldm.tasks.common import open_tracker, pick_device, run_dir
     from ldm.tasks.prepare import (check_prepared_sources, log_data_identity,
@@ -169,20 +168,8 @@ def run(cfg: DictConfig) -> float:
     jobs: List[dict] = []
     synthetic_data = kind == "chat" and cfg.dataset.source == "synthetic"
     if kind == "chat" and cfg.task.max_examples > 0:
-        pairs = heldout_answers(test, cfg.task.max_examples)
-        if synthetic_data:
-            refs = synthetic_references(manifest, tok, [p for p, _ in pairs], data_dir, command)
-        else:
-            refs = [(None, tok.decode(r, skip_special_tokens=True).strip()) for _, r in pairs]
-        jobs = [{"prompt_ids": p, "task": task, "reference": ref}
-                for (p, _), (task, ref) in zip(pairs, refs)]
-        if synthetic_data:
-            # a synthetic prompt is <|user|> body <|end|> <|assistant|>, the body encoded alone
-            texts = sorted(prompts_in_training(manifest))
-            trained = {tuple(ids) for ids in tok(texts, add_special_tokens=False,
-                                                 split_special_tokens=True)["input_ids"]}
-            for job in jobs:
-                job["seen_in_training"] = tuple(job["prompt_ids"][1:-2]) in trained
+        jobs = answer_jobs(tok, test, cfg.task.max_examples, synthetic_data=synthetic_data,
+                           manifest=manifest, data_dir=data_dir, command=command)
         longest = max((len(j["prompt_ids"]) for j in jobs), default=0)
         settings.check_prompt(longest, "the longest held-out prompt")
     if kind == "text":

@@ -48,7 +48,7 @@ def loop_config(cfg: DictConfig, mask_id: int) -> LoopConfig:
         normalizer=normalizer_for(masking.normalizer, cfg.dataset.kind), seed=cfg.seed,
         mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
         skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
-        compile=cfg.hardware.compile,
+        compile=cfg.hardware.compile, max_minutes=task.get("max_minutes"),
     )
 
 
@@ -219,7 +219,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
     """Train on the prepared data this config names, export, and return the final held-out NELBO.
 
     `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
-    batch collate; `on_eval_for(tokenizer, test_split)` returns an optional evaluation hook;
+    batch collate; `on_eval_for(tokenizer, test_split, tracker, data_dir, manifest, command)`
+    returns an optional evaluation hook (returning a reason to stop early, or None);
     `checks(cfg)` runs the task's own checks with the common ones, before anything is written.
     """
     from ldm.data.store import load_prepared
@@ -277,13 +278,14 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     chat_note = chat_encoding_note(tokenizer)
 
-    def export(mlm, step: int, state_dict=None) -> Path:
-        out = write_export(mlm, tokenizer, export_dir, resolved,
-                           {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
-                            "data": str(data_dir), "fingerprint": manifest.get("fingerprint"),
-                            "dataset": cfg.dataset.name, "context": cfg.context.name,
-                            "chat_encoding": chat_note},
-                           state_dict=state_dict)
+    def export(mlm, step: int, state_dict=None, stopped: str = "") -> Path:
+        run_info = {"run_name": cfg.run_name, "step": step, "task": cfg.task.name,
+                    "data": str(data_dir), "fingerprint": manifest.get("fingerprint"),
+                    "dataset": cfg.dataset.name, "context": cfg.context.name,
+                    "chat_encoding": chat_note, "max_steps": cfg.task.max_steps}
+        if stopped:  # stopped before max_steps: why (a reached target, a time cap)
+            run_info["stopped"] = stopped
+        out = write_export(mlm, tokenizer, export_dir, resolved, run_info, state_dict=state_dict)
         tracker.set_tags({"ldm.export": str(out)})
         log.info("exported step %d to %s", step, out)
         return out
@@ -295,7 +297,8 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
             if not resuming:  # an mlflow param cannot change; a resumed run may run elsewhere
                 log_data_identity(tracker, data_dir, manifest, "training")
                 tracker.log_params({"attention": attention})
-        on_eval = on_eval_for(tokenizer, splits["test"], tracker) if on_eval_for else None
+        on_eval = on_eval_for(tokenizer, splits["test"], tracker, data_dir, manifest,
+                              command) if on_eval_for else None
         mark_work_started()
         final = train(model, tokenizer, splits["train"], splits["test"], collate_for(tokenizer),
                       loop_cfg, accelerator=accelerator, run_dir=folder, tracker=tracker,

@@ -10,6 +10,7 @@ lr schedule.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -82,6 +83,7 @@ class LoopConfig:
     skip_nonfinite: bool = _TASK.skip_nonfinite
     sparse_logits: bool = _TASK.sparse_logits
     compile: bool = False
+    max_minutes: Optional[float] = None  # time cap on training; stops like a reached target
     progress: bool = True
     extra_state: Dict[str, object] = field(default_factory=dict)
 
@@ -153,16 +155,22 @@ def validate(cfg: LoopConfig, processes: int) -> None:
         raise ConfigError(f"task.max_steps={cfg.max_steps} must be >= 1")
     if cfg.lr <= 0:
         raise ConfigError(f"task.lr={cfg.lr} must be > 0")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise ConfigError(f"task.max_minutes={cfg.max_minutes} must be > 0 (or null for no cap)")
 
 
 def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopConfig, *,
           accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
           resume: bool = True, resume_from: Optional[str] = None,
-          on_eval: Optional[Callable[[torch.nn.Module, int], None]] = None) -> Dict[str, float]:
+          on_eval: Optional[Callable[[torch.nn.Module, int], Optional[str]]] = None
+          ) -> Dict[str, float]:
     """Train `model` to cfg.max_steps, checkpointing and exporting; return the final metrics.
 
     `on_eval(masked_lm, step)` runs on the main process after each evaluation (e.g. to sample
-    answers for a few held-out prompts).
+    answers for a few held-out prompts); when it returns a reason (e.g. "target reached"), or
+    cfg.max_minutes of training have passed, training stops at that step as if it were the last:
+    checkpoint, evaluation, export. The checkpoint records the reason (`stopped`), so a rerun of
+    the same run finds it finished. final["stopped"] holds the reason ("" = reached max_steps).
     """
     from tqdm.auto import tqdm
 
@@ -187,7 +195,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     # trainer_state.json (the optimizer's own state restores the current lr).
 
     state = {"tokens_seen": 0, "skipped_steps": 0, "scaler_skipped_steps": 0, "scheduler_steps": 0,
-             **cfg.extra_state}
+             "train_seconds": 0.0, "stopped": "", **cfg.extra_state}
     start = 0
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
@@ -207,7 +215,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                            "it was saved by a different architecture or vocabulary") from err
         start = int(saved["step"])
         state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
-                                            "scheduler_steps") if k in saved})
+                                            "scheduler_steps", "train_seconds", "stopped")
+                      if k in saved})
         scheduler.last_epoch = int(state["scheduler_steps"])
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         log.info("resumed from %s at step %d", source, start)
@@ -219,15 +228,17 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     final: Dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
-    if start >= cfg.max_steps:
-        # Training had finished; the export after the last checkpoint may not have (a run killed
+    if start >= cfg.max_steps or state["stopped"]:
+        # Training had finished (or stopped early); the export after the last checkpoint may not have (a run killed
         # while exporting), so evaluate and export the checkpoint's weights again.
         final.update(evaluate(wrapped, eval_data, collate, cfg, device))
         if accelerator.is_main_process:
             tracker.log_metrics(final, step=start)
-        export_main(accelerator, wrapped, export, start)
+        export_main(accelerator, wrapped, functools.partial(export, stopped=state["stopped"])
+                    if state["stopped"] else export, start)
+    began = time.perf_counter() - float(state["train_seconds"])
     try:
-        for step in range(start, cfg.max_steps):
+        for step in range(start if not state["stopped"] else cfg.max_steps, cfg.max_steps):
             step_loss = torch.zeros((), device=device)
             step_masked = torch.zeros((), device=device)
             tokens = 0
@@ -283,29 +294,56 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 final.update(metrics)
                 window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0,
                           "time": time.perf_counter()}
-            if done == cfg.max_steps:  # checkpoint first: a failing final evaluation or export
+            state["train_seconds"] = time.perf_counter() - began
+            last = done == cfg.max_steps
+            if not last and cfg.max_minutes is not None and \
+                    agreed(accelerator, state["train_seconds"] >= cfg.max_minutes * 60):
+                state["stopped"] = f"time cap: task.max_minutes={cfg.max_minutes:g} passed"
+                last = True
+            if last:  # checkpoint first: a failing final evaluation or export
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+            if (cfg.eval_every and done % cfg.eval_every == 0) or last:
                 evals = evaluate(wrapped, eval_data, collate, cfg, device)
+                reason = None
                 if accelerator.is_main_process:
                     tracker.log_metrics(evals, step=done)
                     # sharded weights can only run a forward on every process together
                     if on_eval is not None and not sharded:
                         with torch.no_grad():
-                            on_eval(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
+                            reason = on_eval(unwrap(accelerator.unwrap_model(wrapped)).mlm, done)
                 final.update(evals)
                 wrapped.train()
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
+                if not last and agreed(accelerator, bool(reason)):
+                    state["stopped"] = reason or "stopped by another process's evaluation"
+                    last = True
+                    ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
+            if cfg.save_every and done % cfg.save_every == 0 and not last:
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
-            if (cfg.export_every and done % cfg.export_every == 0) or done == cfg.max_steps:
-                export_main(accelerator, wrapped, export, done)
+            if (cfg.export_every and done % cfg.export_every == 0) or last:
+                # an early stop's reason travels with the export (export(..., stopped=reason))
+                export_main(accelerator, wrapped, functools.partial(export, stopped=state["stopped"])
+                            if state["stopped"] else export, done)
             kill_point(f"step:{done}")
             accelerator.wait_for_everyone()
+            if last:
+                if state["stopped"]:
+                    log.info("training stopped at step %d of %d: %s", done, cfg.max_steps,
+                             state["stopped"])
+                break
     finally:
         bar.close()
     final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
-                                        "scheduler_steps")})
+                                        "scheduler_steps", "train_seconds")})
+    final["stopped"] = state["stopped"]
     return final
+
+
+def agreed(accelerator, flag: bool) -> bool:
+    """Return True on every process when `flag` is True on any (one collective, all call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(value, "sum") > 0)
 
 
 def evaluate(wrapped, eval_data, collate: Collate, cfg: LoopConfig, device) -> Dict[str, float]:
