@@ -93,7 +93,7 @@ def test_make_install_takes_exact_versions_from_the_locks_and_make_lock_remakes_
     assert "--require-hashes --no-deps" in makefile
     assert "-r $(CORE_LOCK)" in makefile and "-r $(ALL_LOCK)" in makefile
     assert re.search(r"^lock:", makefile, re.M) and "pip-compile" in makefile
-    assert "$(BIN)/python -m pip check" in makefile
+    assert "$(BIN)/python -m pip check" in makefile and "\t$(PIP_CHECK)\n" in makefile
 
 
 def test_the_environment_make_test_installed_is_the_lock():
