@@ -307,6 +307,7 @@ class HardwareConfig:
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     compile: bool = False  # torch.compile each encoder layer (per layer: DDP/FSDP2 overlap stays)
+    threads: Optional[int] = None  # torch CPU threads of this process; null = torch's default
     # no dataloader_workers: the loop gathers each micro-batch from the memory-mapped arrow rows in
     # the training process (no DataLoader), which costs microseconds per step
     accelerate_config: Optional[str] = None

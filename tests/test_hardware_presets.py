@@ -205,3 +205,21 @@ def test_fsdp_preset_reduces_gradients_in_fp32_like_the_ddp_presets():
 @pytest.mark.parametrize("name", PRESETS)
 def test_no_preset_sets_an_option_nothing_reads(name):
     assert "dataloader_workers" not in (CONF / "hardware" / f"{name}.yaml").read_text()
+
+
+def test_hardware_threads_sets_torchs_cpu_threads_and_refuses_a_count_below_one():
+    import torch
+
+    from ldm.errors import LdmError
+    from ldm.tasks import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # null keeps what torch has
+        assert torch.get_num_threads() == 1
+        with pytest.raises(LdmError, match=r"hardware.threads=0 must be an integer >= 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -47,6 +47,18 @@ def task_choice():
     return HydraConfig.get().runtime.choices.get("task")
 
 
+def set_threads(threads) -> None:
+    """Set torch's CPU threads from hardware.threads (None keeps torch's own choice)."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or threads < 1:
+        raise LdmError(f"hardware.threads={threads} must be an integer >= 1, or null (torch's "
+                       "default: OMP_NUM_THREADS or the cores)")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def dispatch(cfg: DictConfig) -> float:
     """Run the configured task; a user error becomes one line on stderr and exit status 2."""
     name = cfg.task.name
@@ -57,6 +69,7 @@ def dispatch(cfg: DictConfig) -> float:
                            f"tasks: {', '.join(TASKS)}")
         if name not in TASKS:
             raise LdmError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        set_threads(cfg.hardware.get("threads"))
         module = importlib.import_module(f"ldm.tasks.{name}")
         result = module.run(cfg)
     except LdmError as err:
