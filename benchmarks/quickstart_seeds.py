@@ -75,6 +75,7 @@ def main() -> None:
     for seed in args.seeds:
         row = run_seed(seed, out, extra)
         rows.append(row)
+        (out / f"seed-{seed}.json").write_text(json.dumps(row, indent=2))  # kept if a later seed fails
         types = ", ".join(f"{k} {v:.1%}" for k, v in sorted(row["types"].items()))
         print(f"seed {seed}: {types}; SFT {row['sft_steps']} steps in {row['sft_seconds']:.0f} s; "
               f"quickstart {row['seconds']:.0f} s", flush=True)

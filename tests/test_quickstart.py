@@ -272,3 +272,24 @@ def test_make_quickstart_installs_only_the_core_and_make_test_everything():
     assert "--no-deps -e .\n" in core
     assert re.search(r"^\$\(STAMP\): \$\(CORE_STAMP\) \$\(ALL_LOCK\)$", makefile, re.M)
     assert re.search(r"^test: \$\(STAMP\)", makefile, re.M)
+
+
+def test_the_chains_seed_reaches_every_stage_and_make_quickstart_passes_seed(make_config):
+    cfg = make_config("experiment=quickstart", "seed=7")
+    commands = chain.stage_commands(cfg)
+    assert all("seed=7" in args for args in commands.values())
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "run.py experiment=quickstart $(if $(SEED),seed=$(SEED))" in makefile
+
+
+def test_the_quickstart_sft_trains_to_a_held_out_target_under_a_step_and_a_time_cap(make_config):
+    from conftest import compose_config
+
+    cfg = make_config("experiment=quickstart")
+    sft = compose_config(chain.stage_commands(cfg)["sft"][3:])
+    assert sft.task.target_exact_match >= 0.95 and sft.task.eval_every > 0
+    assert sft.task.max_steps >= 1000 and 0 < sft.task.max_minutes <= 8
+    spec = cfg.task.summary
+    assert spec.goal == 0.95 and spec.trained == "sft" and spec.answers == "answers_fast"
+    # the check prompts (the end of the test split) are not the prompts the summary scores
+    assert sft.task.target_examples + cfg.task.params.eval_examples <= 742
