@@ -106,7 +106,8 @@ def goal_line(metrics: Dict[str, float], goal: float) -> str:
     if missed:
         return ("MISSED the goal of " + f"{goal:.0%} held-out exact match on every task type: "
                 + ", ".join(f"{k} {v:.1%}" for k, v in missed.items())
-                + "; train longer (task.params.sft_steps) or see benchmarks/RESULTS.md")
+                + "; train longer (the training stage's task.max_steps, task.max_minutes) or "
+                "see benchmarks/RESULTS.md")
     return f"goal met: every task type at >= {goal:.0%} held-out exact match"
 
 
