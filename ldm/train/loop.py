@@ -163,7 +163,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
           accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
           resume: bool = True, resume_from: Optional[str] = None,
           on_eval: Optional[Callable[[torch.nn.Module, int], Optional[str]]] = None
-          ) -> Dict[str, float]:
+          ) -> Dict[str, object]:
     """Train `model` to cfg.max_steps, checkpointing and exporting; return the final metrics.
 
     `on_eval(masked_lm, step)` runs on the main process after each evaluation (e.g. to sample
@@ -229,8 +229,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
     if start >= cfg.max_steps or state["stopped"]:
-        # Training had finished (or stopped early); the export after the last checkpoint may not have (a run killed
-        # while exporting), so evaluate and export the checkpoint's weights again.
+        # Training had finished (or stopped early); the export after the last checkpoint may not
+        # have (a run killed while exporting), so evaluate and export the checkpoint's weights again.
         final.update(evaluate(wrapped, eval_data, collate, cfg, device))
         if accelerator.is_main_process:
             tracker.log_metrics(final, step=start)
@@ -334,7 +334,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
         bar.close()
     final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
                                         "scheduler_steps", "train_seconds")})
-    final["stopped"] = state["stopped"]
+    final["stopped"] = state["stopped"]  # a str among the figures: why training ended early
     return final
 
 
