@@ -100,7 +100,7 @@ class TrainTaskConfig(TaskConfig):
     # through task=evaluate's code); max_steps stays the step cap. null = train to max_steps
     target_exact_match: Optional[float] = None
     target_examples: int = 256
-    max_minutes: Optional[float] = None  # time cap on training (minutes); null = none
+    max_minutes: Optional[float] = None  # time cap on this process's training (minutes); null = none
 
 
 @dataclass

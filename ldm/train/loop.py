@@ -195,7 +195,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     # trainer_state.json (the optimizer's own state restores the current lr).
 
     state = {"tokens_seen": 0, "skipped_steps": 0, "scaler_skipped_steps": 0, "scheduler_steps": 0,
-             "train_seconds": 0.0, "stopped": "", **cfg.extra_state}
+             "stopped": "", **cfg.extra_state}
     start = 0
     source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
     if source is not None:
@@ -215,7 +215,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                            "it was saved by a different architecture or vocabulary") from err
         start = int(saved["step"])
         state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
-                                            "scheduler_steps", "train_seconds", "stopped")
+                                            "scheduler_steps", "stopped")
                       if k in saved})
         scheduler.last_epoch = int(state["scheduler_steps"])
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
@@ -236,7 +236,9 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             tracker.log_metrics(final, step=start)
         export_main(accelerator, wrapped, functools.partial(export, stopped=state["stopped"])
                     if state["stopped"] else export, start)
-    began = time.perf_counter() - float(state["train_seconds"])
+    # the time cap counts this process's training (wall time stays out of the checkpoint, so a
+    # resumed run's checkpoints are byte-identical to an uninterrupted run's)
+    began, elapsed = time.perf_counter(), 0.0
     try:
         for step in range(start if not state["stopped"] else cfg.max_steps, cfg.max_steps):
             step_loss = torch.zeros((), device=device)
@@ -294,10 +296,10 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 final.update(metrics)
                 window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0,
                           "time": time.perf_counter()}
-            state["train_seconds"] = time.perf_counter() - began
+            elapsed = time.perf_counter() - began
             last = done == cfg.max_steps
             if not last and cfg.max_minutes is not None and \
-                    agreed(accelerator, state["train_seconds"] >= cfg.max_minutes * 60):
+                    agreed(accelerator, elapsed >= cfg.max_minutes * 60):
                 state["stopped"] = f"time cap: task.max_minutes={cfg.max_minutes:g} passed"
                 last = True
             if last:  # checkpoint first: a failing final evaluation or export
@@ -333,7 +335,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     finally:
         bar.close()
     final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
-                                        "scheduler_steps", "train_seconds")})
+                                        "scheduler_steps")})
+    final["train_seconds"] = elapsed
     final["stopped"] = state["stopped"]  # a str among the figures: why training ended early
     return final
 
