@@ -38,12 +38,15 @@ LOAD_SETTINGS = ("dtype", "attn_implementation", "trust_remote_code", "compile",
                  "gradient_checkpointing", "dropout")
 
 
-def library_versions() -> Dict[str, str]:
-    """Return the versions of the libraries that shape an export."""
+EXPORT_LIBRARIES = ("ldm", "torch", "transformers", "tokenizers", "safetensors", "accelerate")
+
+
+def library_versions(names: Sequence[str] = EXPORT_LIBRARIES) -> Dict[str, str]:
+    """Return the installed versions of `names` (default: the libraries that shape an export)."""
     import importlib.metadata as md
 
     out = {}
-    for name in ("ldm", "torch", "transformers", "tokenizers", "safetensors", "accelerate"):
+    for name in names:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

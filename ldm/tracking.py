@@ -88,28 +88,24 @@ def cpu_model() -> str:
     """Return the CPU's model name (/proc/cpuinfo on Linux, else the platform's word for it)."""
     import platform
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")) and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text(errors="replace").splitlines() if info.is_file() else []
+    for line in lines:
+        if line.lower().startswith(("model name", "hardware")) and ":" in line:
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
 
 
 def environment_tags() -> Dict[str, str]:
     """Return tags that tell two runs' environments apart: library versions, CPU, GPU, threads."""
-    import importlib.metadata as md
     import os
 
     import torch
 
-    tags = {}
-    for name in VERSIONED:
-        try:
-            tags[f"version.{name}"] = md.version(name)
-        except md.PackageNotFoundError:
-            tags[f"version.{name}"] = "not installed"
+    from ldm.export import library_versions
+
+    found = library_versions(VERSIONED)
+    tags = {f"version.{name}": found.get(name, "not installed") for name in VERSIONED}
     tags["machine.cpu"] = cpu_model()
     tags["machine.cores"] = str(os.cpu_count() or 0)
     tags["machine.torch_threads"] = str(torch.get_num_threads())

@@ -234,8 +234,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
         final.update(evaluate(wrapped, eval_data, collate, cfg, device))
         if accelerator.is_main_process:
             tracker.log_metrics(final, step=start)
-        export_main(accelerator, wrapped, functools.partial(export, stopped=state["stopped"])
-                    if state["stopped"] else export, start)
+        export_main(accelerator, wrapped, exporter(export, state["stopped"]), start)
     # the time cap counts this process's training (wall time stays out of the checkpoint, so a
     # resumed run's checkpoints are byte-identical to an uninterrupted run's)
     began, elapsed = time.perf_counter(), 0.0
@@ -322,9 +321,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             if cfg.save_every and done % cfg.save_every == 0 and not last:
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
             if (cfg.export_every and done % cfg.export_every == 0) or last:
-                # an early stop's reason travels with the export (export(..., stopped=reason))
-                export_main(accelerator, wrapped, functools.partial(export, stopped=state["stopped"])
-                            if state["stopped"] else export, done)
+                export_main(accelerator, wrapped, exporter(export, state["stopped"]), done)
             kill_point(f"step:{done}")
             accelerator.wait_for_everyone()
             if last:
@@ -339,6 +336,11 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     final["train_seconds"] = elapsed
     final["stopped"] = state["stopped"]  # a str among the figures: why training ended early
     return final
+
+
+def exporter(export: Callable[..., Path], stopped: str) -> Callable[..., Path]:
+    """Return `export`, with an early stop's reason passed along (export(..., stopped=reason))."""
+    return functools.partial(export, stopped=stopped) if stopped else export
 
 
 def agreed(accelerator, flag: bool) -> bool:
