@@ -67,7 +67,8 @@ class TrainTaskConfig(TaskConfig):
     """Optimisation, evaluation and checkpointing of the one training loop (pretrain and sft)."""
 
     name: str = "pretrain"
-    max_steps: int = 1000  # optimizer steps
+    # optimizer steps; with task.epochs, null lets the epochs set it (an explicit value wins)
+    max_steps: Optional[int] = 1000
     global_batch_size: int = 8  # sequences per optimizer step = micro x accumulation x processes
     lr: float = 5e-5
     weight_decay: float = 0.01
@@ -101,6 +102,9 @@ class TrainTaskConfig(TaskConfig):
     target_exact_match: Optional[float] = None
     target_examples: int = 256
     max_minutes: Optional[float] = None  # time cap on this process's training (minutes); null = none
+    # draw each step's rows length-grouped (similar lengths together, batch order shuffled; seeded,
+    # resumable): null = on for dataset.padding=batch, off otherwise
+    group_by_length: Optional[bool] = None
 
 
 @dataclass
@@ -229,8 +233,13 @@ class DatasetConfig:
     # stored (rows padded per batch, padding never a target); answer: the last answer padded with
     # EOS to exactly answer_positions tokens, so a row is laid out like the sampler's canvas
     # (prompt + sampler.max_new_tokens masks) and no longer; set max_new_tokens to the same number
+    # batch: rows stored unpadded, each micro-batch EOS-padded to its longest row when batched (the
+    # EOS visible and maskable, as in LLaDA's SFT), batches length-grouped (task.group_by_length)
     padding: str = "eos"
-    answer_positions: Optional[int] = None  # padding=answer: answer + EOS padding, in tokens
+    # padding=answer: answer + EOS padding, in tokens; padding=batch: the least such area a batch
+    # gives each row (null = none beyond the batch's longest row)
+    answer_positions: Optional[int] = None
+    pad_to_multiple: int = 8  # padding=batch: a batch's width rounded up to a multiple of this
     overlong: str = "drop"  # drop | truncate : examples longer than the context
     skip_bad_records: bool = False  # skip and count bad records instead of stopping
     # synthetic_tasks
@@ -257,7 +266,7 @@ class MaskingConfig:
     schedule: str = "linear"
     time_sampling: str = "uniform"  # uniform | antithetic
     eps: float = 1e-3
-    normalizer: Optional[str] = None  # token | sequence | masked ; None = text: token, chat: sequence
+    normalizer: Optional[str] = None  # token | sequence | masked | maskable ; None = text: token, chat: sequence
 
 
 @dataclass
@@ -305,7 +314,8 @@ class HardwareConfig:
     num_processes: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
     micro_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    # micro-batches per optimizer step; auto = global batch / (micro-batch x processes)
+    gradient_accumulation_steps: Any = 1
     compile: bool = False  # torch.compile each encoder layer (per layer: DDP/FSDP2 overlap stays)
     threads: Optional[int] = None  # torch CPU threads of this process; null = torch's default
     # no dataloader_workers: the loop gathers each micro-batch from the memory-mapped arrow rows in

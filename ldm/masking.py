@@ -21,7 +21,7 @@ from ldm.errors import ConfigError
 TIME_SAMPLING = ("uniform", "antithetic")
 # What the summed masked-token loss is divided by: the batch's token positions (LLaDA
 # pretraining), each sequence's maskable (answer) length (LLaDA SFT), or the masked count.
-NORMALIZERS = ("token", "sequence", "masked")
+NORMALIZERS = ("token", "sequence", "masked", "maskable")
 # `masking.normalizer: null` means the data's natural one: text rows are all maskable, chat rows
 # only in their answers, whose lengths differ per sequence.
 DEFAULT_NORMALIZER = {"text": "token", "chat": "sequence"}

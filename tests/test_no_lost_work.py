@@ -92,9 +92,9 @@ def test_a_failing_final_evaluation_keeps_the_trained_weights_in_a_checkpoint(pr
         return on_eval
 
     with pytest.raises(LdmError, match="evaluation failed at step 2"):
-        run_training(cfg, kind="text", collate_for=lambda tok: packed_collate, on_eval_for=failing)
+        run_training(cfg, kind="text", collate_for=lambda tok, manifest, heldout: packed_collate, on_eval_for=failing)
     run = outputs / "runs" / "pretrain" / "boom"
     assert latest_checkpoint(run).name == "step-0000002"
     # the same command without the failure evaluates and exports that checkpoint, no step redone
-    nelbo = run_training(cfg, kind="text", collate_for=lambda tok: packed_collate)
+    nelbo = run_training(cfg, kind="text", collate_for=lambda tok, manifest, heldout: packed_collate)
     assert nelbo == nelbo and (outputs / "models" / "boom" / "model.safetensors").is_file()

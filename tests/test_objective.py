@@ -75,6 +75,8 @@ def reference_loss(logits, ids, masked, maskable, attention, t, schedule, normal
         return sum(per_seq) / n_real
     if normalizer == "masked":
         return sum(per_seq) / n_masked
+    if normalizer == "maskable":
+        return sum(per_seq) / sum(int(maskable[b, i]) for b in range(B) for i in range(L))
     ratios = []
     for b in range(B):
         answer = sum(int(maskable[b, i]) for i in range(L))

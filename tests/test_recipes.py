@@ -23,7 +23,7 @@ from ldm.data.hub_sets import parse_split
 from ldm.errors import ConfigError, DataError
 from ldm.tasks import launch
 from ldm.tasks.chain import stage_commands
-from ldm.train.data import check_batch_layout
+from ldm.train.data import check_batch_layout, resolve_accumulation
 
 TULU_LIKE = [
     {"id": f"t{i}", "source": "tulu",
@@ -244,7 +244,10 @@ def test_every_experiment_and_stage_composes_with_a_consistent_batch_layout(name
         if cfg.task.name in ("pretrain", "sft"):
             hw = cfg.hardware
             check_batch_layout(cfg.task.global_batch_size, hw.micro_batch_size,
-                               hw.gradient_accumulation_steps, hw.num_processes)
+                               resolve_accumulation(hw.gradient_accumulation_steps,
+                                                    cfg.task.global_batch_size,
+                                                    hw.micro_batch_size, hw.num_processes),
+                               hw.num_processes)
             assert cfg.context.length <= cfg.model.max_positions, (name, stage)
             assert (cfg.dataset.kind == "chat") == (cfg.task.name == "sft"), (name, stage)
 
@@ -260,6 +263,9 @@ def test_bert_chat_presets_are_dllms_recipe(name, model, hardware):
     assert [m["path"] for m in cfg.dataset.mixture] == ["allenai/tulu-3-sft-mixture",
                                                         "HuggingFaceTB/smoltalk"]
     assert cfg.dataset.mixture_stop == "all_used"
+    # dLLM's objective and data layout: its loss normalisation, rows padded per batch with a
+    # trained EOS, length-grouped batches
+    assert cfg.masking.normalizer == "maskable" and cfg.dataset.padding == "batch"
 
 
 def test_seed_pretrain_then_chat_finetunes_the_pretraining_export_like_bert_chat():

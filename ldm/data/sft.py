@@ -8,8 +8,9 @@ turns and the role headers are 0: prompt tokens are never masked.
 
 Layout on disk (read with `ldm.data.store.load_split`): `<final>/{train,test}/shard-*.arrow`
 with columns `input_ids` (id dtype), `answer_mask` (uint8), `length` (tokens before padding);
-padding="eos" stores fixed-size rows of context_length, padding="dynamic" unpadded rows,
-padding="answer" rows of the prompt plus exactly `answer_positions` answer tokens (the last answer,
+padding="eos" stores fixed-size rows of context_length, padding="dynamic" and padding="batch"
+unpadded rows (batch: EOS-padded when batched, to the longest row of each micro-batch, the EOS
+visible and maskable as in LLaDA; see ldm/train/data.py), padding="answer" rows of the prompt plus exactly `answer_positions` answer tokens (the last answer,
 its EOS and EOS padding, all maskable): a row then looks like the sampler's canvas (prompt +
 max_new_tokens masks), which a small model needs in order to place its answer (measured in
 benchmarks/RESULTS.md, "make quickstart").
@@ -36,7 +37,7 @@ from ldm.tokenizer import (ANSWER_TURNS, CHAT_TOKENS, add_chat_template, check_m
 
 log = logging.getLogger(__name__)
 
-PADDINGS = ("eos", "dynamic", "answer")
+PADDINGS = ("eos", "dynamic", "answer", "batch")
 OVERLONG = ("drop", "truncate")
 Example = Tuple[np.ndarray, np.ndarray]
 
@@ -48,7 +49,18 @@ def trim_to_last_answer(messages: List[dict]) -> List[dict]:
 
 
 def check_answer_positions(padding: str, answer_positions, context_length: int) -> None:
-    """Raise ConfigError unless answer_positions suits the padding (needed only by "answer")."""
+    """Raise ConfigError unless answer_positions suits the padding.
+
+    Needed by "answer" (the exact answer area); optional for "batch" (the least answer area a
+    batch gives each row); not read by the others.
+    """
+    if padding == "batch" and answer_positions is not None:
+        if (not isinstance(answer_positions, int) or isinstance(answer_positions, bool)
+                or not 1 <= answer_positions < context_length):
+            raise ConfigError(f"dataset.padding=batch takes dataset.answer_positions as the least "
+                              f"answer area (answer + EOS padding) of a row in a batch: null or an "
+                              f"integer in 1..{context_length - 1}; got {answer_positions!r}")
+        return
     if padding != "answer":
         return
     if (not isinstance(answer_positions, int) or isinstance(answer_positions, bool)
@@ -336,6 +348,7 @@ def build_sft_data(
             "answer_mask": ("1 on assistant text + its EOS"
                             + (" (last assistant turn only)" if answer_turns == "last" else "")
                             + (" + the EOS padding" if padding == "eos" else "")
+                            + (" + the EOS padding added per batch" if padding == "batch" else "")
                             + (f" + the EOS padding to {answer_positions} answer tokens"
                                if padding == "answer" else "")
                             + "; 0 on system/user turns and role headers"),

@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> float:
     from ldm.tasks.prepare import (check_prepared_sources, log_data_identity,
                                    missing_data_message, prepare_command, prepared_data_dir)
     from ldm.tokenizer import load_tokenizer
-    from ldm.train.data import chat_collate, packed_collate
+    from ldm.train.data import collate_for_rows, packed_collate
 
     settings = validate(cfg)
     export = resolve_checkpoint(cfg.checkpoint, "evaluate")
@@ -182,7 +182,10 @@ def run(cfg: DictConfig) -> float:
     device = pick_device(cfg.task.device)
     folder = run_dir(cfg)
     rows = len(test) if cfg.task.max_rows is None else min(cfg.task.max_rows, len(test))
-    collate = chat_collate(tok.pad_token_id) if kind == "chat" else packed_collate
+    # chat rows as the training run's held-out batches: padding=batch rows EOS-padded each to its
+    # own width, so the figures match the training evaluation's whatever the batch size
+    collate = (collate_for_rows(manifest, tok.pad_token_id, manifest.get("eos_id", tok.eos_token_id),
+                                cfg.dataset, heldout=True) if kind == "chat" else packed_collate)
     (folder / RESULTS).unlink(missing_ok=True)  # a rerun of this run_name starts afresh
     with open_tracker(cfg) as tracker:
         tracker.set_tags({"ldm.checkpoint": export.where, "ldm.data_dir": str(data_dir),

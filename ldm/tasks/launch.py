@@ -51,15 +51,60 @@ def steps_for_epochs(epochs: float, rows: int, global_batch: int) -> int:
     return max(1, math.ceil(epochs * rows / global_batch))
 
 
-def resolve_schedule(cfg: DictConfig, train_rows: int) -> None:
-    """Set task.max_steps from task.epochs and task.warmup_steps from task.warmup_ratio."""
+def command_line_keys() -> set:
+    """Return the config keys given on this run's command line (empty outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):  # not inside @hydra.main (tests, library use)
+        return set()
+    return {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+
+
+def schedule_source(cfg: DictConfig, given: set | None = None) -> str:
+    """Return which setting fixes the number of steps: "max_steps" or "epochs".
+
+    `task.epochs` with `task.max_steps: null` (the epoch recipes) trains by epochs. When both
+    are set, the one given on the command line wins (an explicit task.max_steps wins, as in the
+    Hugging Face Trainer); both or neither given there is an error naming both.
+    """
     task = cfg.task
+    if task.get("epochs") is None:
+        if task.max_steps is None:
+            raise ConfigError("task.max_steps=null needs task.epochs (passes over the training "
+                              "rows); set one of them")
+        return "max_steps"
+    if not task.epochs > 0:
+        raise ConfigError(f"task.epochs={task.epochs} must be > 0 (or null for max_steps)")
+    if task.max_steps is None:
+        return "epochs"
+    given = command_line_keys() if given is None else given
+    steps, epochs = "task.max_steps" in given, "task.epochs" in given
+    if steps != epochs:
+        return "max_steps" if steps else "epochs"
+    raise ConfigError(f"task.max_steps={task.max_steps} and task.epochs={task.epochs:g} are both "
+                      "set and either could fix the length of training; set the other to null "
+                      "(task.max_steps=null trains by epochs, task.epochs=null by steps)")
+
+
+def resolve_schedule(cfg: DictConfig, train_rows: int, given: set | None = None) -> None:
+    """Set task.max_steps (from task.epochs where they fix it) and task.warmup_steps (from
+    task.warmup_ratio); say in the log which setting won when both were set."""
+    task = cfg.task
+    source = schedule_source(cfg, given)
     if task.get("epochs") is not None:
-        if not task.epochs > 0:
-            raise ConfigError(f"task.epochs={task.epochs} must be > 0 (or null for max_steps)")
-        task.max_steps = steps_for_epochs(task.epochs, train_rows, task.global_batch_size)
-        log.info("task.epochs=%g over %d training rows at %d per step: max_steps=%d",
-                 task.epochs, train_rows, task.global_batch_size, task.max_steps)
+        from_epochs = steps_for_epochs(task.epochs, train_rows, task.global_batch_size)
+        if source == "epochs":
+            if task.max_steps is not None:
+                log.warning("task.epochs=%g given on the command line wins over task.max_steps=%d",
+                            task.epochs, task.max_steps)
+            task.max_steps = from_epochs
+            log.info("task.epochs=%g over %d training rows at %d per step: max_steps=%d",
+                     task.epochs, train_rows, task.global_batch_size, task.max_steps)
+        else:
+            log.warning("task.max_steps=%d given on the command line wins over task.epochs=%g "
+                        "(which would make %d steps)", task.max_steps, task.epochs, from_epochs)
     if task.get("warmup_ratio") is not None:
         if not 0 <= task.warmup_ratio < 1:
             raise ConfigError(f"task.warmup_ratio={task.warmup_ratio} must be in [0, 1)")

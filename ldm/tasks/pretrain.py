@@ -11,4 +11,4 @@ def run(cfg: DictConfig) -> float:
     """Pretrain and export; return the final held-out negative ELBO per token."""
     from ldm.train.data import packed_collate
 
-    return run_training(cfg, kind="text", collate_for=lambda tok: packed_collate)
+    return run_training(cfg, kind="text", collate_for=lambda tok, manifest, heldout: packed_collate)

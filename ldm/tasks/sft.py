@@ -140,12 +140,13 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
 
 def run(cfg: DictConfig) -> float:
     """Finetune on chat data and export; return the final held-out NELBO per maskable token."""
-    from ldm.train.data import chat_collate
+    from ldm.train.data import collate_for_rows
 
     # the settings of the samples taken at each evaluation, checked before anything trains
     check_target(cfg)
     answers = cfg.task.eval_samples > 0 or cfg.task.target_exact_match is not None
     settings = sampler_settings(cfg) if answers else None
     return run_training(cfg, kind="chat",
-                        collate_for=lambda tok: chat_collate(tok.pad_token_id),
+                        collate_for=lambda tok, manifest, heldout: collate_for_rows(
+                            manifest, tok.pad_token_id, tok.eos_token_id, cfg.dataset, heldout),
                         on_eval_for=sample_hook(cfg, settings) if settings else None)

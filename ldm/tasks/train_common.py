@@ -31,12 +31,21 @@ def check_writable(folder: str | Path, what: str) -> None:
                        "fix its permissions or set paths.outputs / LDM_OUTPUTS elsewhere") from err
 
 
-def loop_config(cfg: DictConfig, mask_id: int) -> LoopConfig:
-    """Return the loop's plain settings from the task, hardware and masking groups."""
+def loop_config(cfg: DictConfig, mask_id: int, padding: Optional[str] = None) -> LoopConfig:
+    """Return the loop's plain settings from the task, hardware and masking groups.
+
+    `padding` is the prepared rows' layout (task.group_by_length=null follows it: on for batch);
+    before the epochs fix task.max_steps (null), it stands at 1 for the checks.
+    """
+    from ldm.train.data import resolve_accumulation
+
     task, hw, masking = cfg.task, cfg.hardware, cfg.masking
+    group = task.get("group_by_length")
     return LoopConfig(
-        max_steps=task.max_steps, global_batch_size=task.global_batch_size,
-        micro_batch_size=hw.micro_batch_size, accumulation=hw.gradient_accumulation_steps,
+        max_steps=task.max_steps if task.max_steps is not None else 1,
+        global_batch_size=task.global_batch_size, micro_batch_size=hw.micro_batch_size,
+        accumulation=resolve_accumulation(hw.gradient_accumulation_steps, task.global_batch_size,
+                                          hw.micro_batch_size, hw.num_processes),
         mask_id=mask_id, lr=task.lr, weight_decay=task.weight_decay,
         no_decay=list(task.no_decay), betas=list(task.betas), adam_eps=task.adam_eps,
         lr_schedule=task.lr_schedule, warmup_steps=task.warmup_steps,
@@ -49,6 +58,7 @@ def loop_config(cfg: DictConfig, mask_id: int) -> LoopConfig:
         mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
         skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
         compile=cfg.hardware.compile, max_minutes=task.get("max_minutes"),
+        group_by_length=(padding == "batch") if group is None else bool(group),
     )
 
 
@@ -195,6 +205,9 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     if cfg.hardware.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"hardware.mixed_precision={cfg.hardware.mixed_precision!r}; accepted: "
                           "no, bf16, fp16")
+    from ldm.tasks.launch import schedule_source
+
+    schedule_source(cfg)
     validate(loop_config(cfg, 0), cfg.hardware.num_processes)
     accelerate_settings(cfg)
     if cfg.task.resume_from:
@@ -211,6 +224,14 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
         raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
                         f"re-run `{command} task.force=true`")
     check_prepared_sources(cfg, data_dir, manifest, command)
+    if kind == "chat" and manifest.get("padding", "eos") != cfg.dataset.padding:
+        raise DataError(f"{data_dir} holds rows prepared with dataset.padding="
+                        f"{manifest.get('padding', 'eos')} but this run names dataset.padding="
+                        f"{cfg.dataset.padding}; re-run `{command} dataset.padding="
+                        f"{cfg.dataset.padding} task.force=true`")
+    if cfg.task.get("group_by_length") and kind != "chat":
+        raise ConfigError("task.group_by_length=true groups chat rows by length; packed "
+                          "pretraining rows are all one length (use null or false)")
     return {"cfg": cfg, "data_dir": data_dir, "manifest": manifest, "command": command}
 
 
@@ -218,8 +239,9 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
                  checks=None) -> float:
     """Train on the prepared data this config names, export, and return the final held-out NELBO.
 
-    `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer)` returns the
-    batch collate; `on_eval_for(tokenizer, test_split, tracker, data_dir, manifest, command)`
+    `kind` is the data kind the task needs (text or chat); `collate_for(tokenizer, manifest,
+    heldout)` returns the batch collate (of the training rows, or with heldout=True the held-out
+    rows'); `on_eval_for(tokenizer, test_split, tracker, data_dir, manifest, command)`
     returns an optional evaluation hook (returning a reason to stop early, or None);
     `checks(cfg)` runs the task's own checks with the common ones, before anything is written.
     """
@@ -244,7 +266,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
     if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
     resolve_schedule(cfg, len(splits["train"]))
-    loop_cfg = loop_config(cfg, tokenizer.mask_token_id)
+    loop_cfg = loop_config(cfg, tokenizer.mask_token_id, manifest.get("padding"))
     validate(loop_cfg, cfg.hardware.num_processes)
     if needs_launch(cfg):
         return relaunch(cfg)
@@ -300,10 +322,12 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
         on_eval = on_eval_for(tokenizer, splits["test"], tracker, data_dir, manifest,
                               command) if on_eval_for else None
         mark_work_started()
-        final = train(model, tokenizer, splits["train"], splits["test"], collate_for(tokenizer),
+        final = train(model, tokenizer, splits["train"], splits["test"],
+                      collate_for(tokenizer, manifest, False),
                       loop_cfg, accelerator=accelerator, run_dir=folder, tracker=tracker,
                       export=export, resume=bool(cfg.task.resume),
-                      resume_from=cfg.task.resume_from, on_eval=on_eval)
+                      resume_from=cfg.task.resume_from, on_eval=on_eval,
+                      eval_collate=collate_for(tokenizer, manifest, True))
     if accelerator.is_main_process:
         print(f"export: {export_dir}")
         print(f"held-out NELBO/token {final.get('eval_nelbo', float('nan')):.4f}, "

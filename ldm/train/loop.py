@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 
@@ -84,6 +85,7 @@ class LoopConfig:
     sparse_logits: bool = _TASK.sparse_logits
     compile: bool = False
     max_minutes: Optional[float] = None  # time cap on training; stops like a reached target
+    group_by_length: bool = False  # length-grouped batches (rows need a `length` column)
     progress: bool = True
     extra_state: Dict[str, object] = field(default_factory=dict)
 
@@ -162,8 +164,8 @@ def validate(cfg: LoopConfig, processes: int) -> None:
 def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopConfig, *,
           accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
           resume: bool = True, resume_from: Optional[str] = None,
-          on_eval: Optional[Callable[[torch.nn.Module, int], Optional[str]]] = None
-          ) -> Dict[str, object]:
+          on_eval: Optional[Callable[[torch.nn.Module, int], Optional[str]]] = None,
+          eval_collate: Optional[Collate] = None) -> Dict[str, object]:
     """Train `model` to cfg.max_steps, checkpointing and exporting; return the final metrics.
 
     `on_eval(masked_lm, step)` runs on the main process after each evaluation (e.g. to sample
@@ -171,12 +173,15 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     cfg.max_minutes of training have passed, training stops at that step as if it were the last:
     checkpoint, evaluation, export. The checkpoint records the reason (`stopped`), so a rerun of
     the same run finds it finished. final["stopped"] holds the reason ("" = reached max_steps).
+    `eval_collate` batches the held-out rows (default: `collate`).
     """
     from tqdm.auto import tqdm
 
     validate(cfg, accelerator.num_processes)
     plan = BatchPlan(len(train_data), cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
-                     cfg.accumulation, accelerator.num_processes)
+                     cfg.accumulation, accelerator.num_processes,
+                     lengths=row_lengths(train_data) if cfg.group_by_length else None)
+    eval_collate = eval_collate or collate
     device, rank = accelerator.device, accelerator.process_index
     model.train()
     wrapped = SparseMaskedLM(maybe_compile(model, cfg.compile))
@@ -224,14 +229,15 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     view = train_data.with_format("numpy")
     # all of them (frozen ones have no gradient): FSDP clips only when handed exactly these
     params = list(wrapped.parameters())
-    window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "time": time.perf_counter()}
+    window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "answer": 0,
+              "time": time.perf_counter()}
     final: Dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
     if start >= cfg.max_steps or state["stopped"]:
         # Training had finished (or stopped early); the export after the last checkpoint may not
         # have (a run killed while exporting), so evaluate and export the checkpoint's weights again.
-        final.update(evaluate(wrapped, eval_data, collate, cfg, device))
+        final.update(evaluate(wrapped, eval_data, eval_collate, cfg, device))
         if accelerator.is_main_process:
             tracker.log_metrics(final, step=start)
         export_main(accelerator, wrapped, exporter(export, state["stopped"]), start)
@@ -242,7 +248,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
         for step in range(start if not state["stopped"] else cfg.max_steps, cfg.max_steps):
             step_loss = torch.zeros((), device=device)
             step_masked = torch.zeros((), device=device)
-            tokens = 0
+            tokens = answer_tokens = 0
             for micro in range(cfg.accumulation):
                 batch = collate(view[plan.indices(step, micro, rank)], device)
                 # masks are keyed by the micro-batch's slot in the global batch, as its rows are,
@@ -259,14 +265,18 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 step_masked += stats["masked_fraction"] / cfg.accumulation
                 mask = batch["attention_mask"]
                 tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                if "answer" in batch:  # chat rows: the answer tokens proper (no EOS padding)
+                    answer_tokens += int(batch["answer"].sum())
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             # one all-reduce per optimizer step for the figures: means of loss and masked
             # fraction, and the tokens of every process (SFT rows differ in length)
             figures = torch.stack([step_loss.double(), step_masked.double(),
-                                   torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+                                   torch.tensor(float(tokens), dtype=torch.float64, device=device),
+                                   torch.tensor(float(answer_tokens), dtype=torch.float64,
+                                                device=device)])
             figures = accelerator.reduce(figures, "sum")
             step_loss, step_masked = (figures[:2] / accelerator.num_processes).unbind()
-            tokens = int(figures[2])
+            tokens, answer_tokens = int(figures[2]), int(figures[3])
             # DeepSpeed clips inside its engine and may report no norm
             norm = float("nan") if grad_norm is None else float(grad_norm)
             done = step + 1
@@ -279,6 +289,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 window["masked"] += float(step_masked)
                 window["steps"] += 1
                 window["tokens"] += tokens
+                window["answer"] += answer_tokens
             bar.update(1)
             if window["steps"] and (done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps):
                 elapsed = time.perf_counter() - window["time"]
@@ -289,11 +300,13 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                     "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
                     "tokens_seen": state["tokens_seen"], "epoch": plan.epoch_of(done),
                 }
+                if window["answer"]:  # chat rows: the useful tokens, without prompt and padding
+                    metrics["answer_tokens_per_second"] = window["answer"] / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
                 if accelerator.is_main_process:
                     tracker.log_metrics(metrics, step=done)
                 final.update(metrics)
-                window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0,
+                window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "answer": 0,
                           "time": time.perf_counter()}
             elapsed = time.perf_counter() - began
             last = done == cfg.max_steps
@@ -304,7 +317,7 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
             if last:  # checkpoint first: a failing final evaluation or export
                 ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
             if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-                evals = evaluate(wrapped, eval_data, collate, cfg, device)
+                evals = evaluate(wrapped, eval_data, eval_collate, cfg, device)
                 reason = None
                 if accelerator.is_main_process:
                     tracker.log_metrics(evals, step=done)
@@ -336,6 +349,14 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     final["train_seconds"] = elapsed
     final["stopped"] = state["stopped"]  # a str among the figures: why training ended early
     return final
+
+
+def row_lengths(data) -> np.ndarray:
+    """Return the `length` column of prepared chat rows (what length grouping sorts by)."""
+    if "length" not in data.column_names:
+        raise ConfigError("task.group_by_length needs rows with a length column (prepared chat "
+                          "data); packed pretraining rows are all one length")
+    return np.asarray(data.with_format("numpy")["length"], dtype=np.int64)
 
 
 def exporter(export: Callable[..., Path], stopped: str) -> Callable[..., Path]:

@@ -9,6 +9,9 @@ schedule, arXiv:2502.09992, eq. 3). The normaliser decides what the summed bound
             eq. 5: the answer length)
   masked    the number of masked tokens (a per-masked-token average; a biased, lower-variance
             estimate, useful for monitoring rather than as the ELBO)
+  maskable  the batch's maskable tokens together (answers and their EOS padding): a per-answer-
+            token ELBO over the whole micro-batch, the normalisation of dLLM's MDLM trainer
+            (its loss_norm_type "token", which counts the positions whose label is not -100)
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def diffusion_loss(
     if normalizer == "masked":
         return weighted.sum() / masked.sum().clamp(min=1).to(weighted)
     if maskable is None:
-        raise ValueError("normalizer='sequence' needs the maskable mask (the answer tokens)")
+        raise ValueError(f"normalizer={normalizer!r} needs the maskable mask (the answer tokens)")
+    if normalizer == "maskable":
+        return weighted.sum() / maskable.bool().sum().clamp(min=1).to(weighted)
     per_sequence = torch.zeros(batch_size, device=weighted.device, dtype=weighted.dtype)
     per_sequence = per_sequence.index_add(0, masked_rows, weighted)
     lengths = maskable.bool().sum(dim=1).to(weighted)

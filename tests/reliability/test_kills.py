@@ -126,8 +126,12 @@ def test_pretrain_killed_at_five_moments_resumes_to_identical_weights_and_metric
 
 @pytest.fixture(scope="module")
 def sft_setup(world, launcher):
-    """Chat data prepared for the clean pretraining export, and an uninterrupted SFT run."""
-    base = [*TINY, *CHAT, f"init_from={world.clean_export}"]
+    """Chat data prepared for the clean pretraining export, and an uninterrupted SFT run.
+
+    The rows are padded per batch (the chat recipes' layout) and drawn length-grouped, so the
+    kills also prove that plan resumes exactly."""
+    base = [*TINY, *CHAT, "dataset.padding=batch", "dataset.name=synthetic_batch",
+            f"init_from={world.clean_export}"]
     proc = launcher.run(["task=prepare", *base, "tracking=off"], world.outputs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     command = ["task=sft", *base, *TRAIN, "task.max_steps=4", "task.save_every=2",
