@@ -305,6 +305,11 @@ class BenchmarkConfig:
     continuation_words: int = 8  # choice: words per continuation
     choices: int = 4  # choice: options per item
     log_samples: bool = True  # keep the harness's per-item samples as an artifact
+    # every request's context as a user turn in the export's chat template (likelihood and
+    # generation), as dLLM evaluates its BERT chat models; false = raw text
+    chat: bool = False
+    sampler: Optional[str] = None  # a conf/sampler preset this suite generates with (null = sampler=)
+    generation: Dict[str, Any] = field(default_factory=dict)  # sampler fields the suite sets over it
 
 
 @dataclass

@@ -170,3 +170,37 @@ def test_every_benchmark_option_composes_and_names_its_tasks():
         cfg = _config(f"benchmark={suite}")
         assert cfg.benchmark.name == suite and len(cfg.benchmark.tasks) >= 1
     assert list(_config().benchmark.tasks) == ["cloze", "choice"]
+
+
+# dLLM's examples/bert/eval.sh: the chat template on every task; generation 256 new tokens in 256
+# steps, blocks of 32, low-confidence remasking, temperature 0; likelihood with mc_num 32
+DLLM_BERT_EVAL = {"gsm8k": 0, "bbh": 3, "minerva_math": 4, "mmlu": 5, "ceval-valid": 5,
+                  "cmmlu": 5, "winogrande": 5, "hellaswag": 0}
+
+
+def test_bert_chat_suite_holds_dllms_bert_evaluation_settings():
+    from ldm.benchmark.generation import sampler_settings
+    from ldm.tasks.benchmark import suite_sampler, validate
+
+    cfg = _config("benchmark=bert_chat", "sampler=fast")  # the suite's own sampler wins
+    assert dict(cfg.benchmark.num_fewshot) == DLLM_BERT_EVAL
+    assert list(cfg.benchmark.tasks) == list(DLLM_BERT_EVAL)
+    assert cfg.benchmark.chat is True and cfg.benchmark.mc_num == 32
+    overrides = validate(cfg)
+    settings = sampler_settings(suite_sampler(cfg), overrides)
+    assert suite_sampler(cfg) == "llada"
+    assert (settings.max_new_tokens, settings.steps, settings.block_length) == (256, 256, 32)
+    assert settings.remasking == "low_confidence" and settings.temperature == 0.0
+    assert settings.threshold is None  # one token per step, as dLLM's sampler
+    fast = _config("benchmark=bert_chat_fast")
+    assert dict(fast.benchmark.num_fewshot) == DLLM_BERT_EVAL and fast.benchmark.chat is True
+    quick = sampler_settings(suite_sampler(fast), validate(fast))
+    assert suite_sampler(fast) == "fast" and quick.threshold is not None
+    assert (quick.max_new_tokens, quick.block_length) == (256, 32)
+
+
+def test_a_suite_generation_setting_that_is_no_sampler_field_is_refused():
+    from ldm.tasks.benchmark import validate
+
+    with pytest.raises(ConfigError, match="benchmark.generation.beam_width is not a sampler"):
+        validate(_config("benchmark=bert_chat", "+benchmark.generation.beam_width=4"))

@@ -155,7 +155,8 @@ class LdmLM(LM):
         pairs = []
         for req in requests:
             context, continuation = req.args
-            ctx, cont = self.encode(context), self.encode(continuation)
+            # chat=true: the context is a user turn and the continuation begins the answer
+            ctx, cont = self.encode_prompt(context, self.chat), self.encode(continuation)
             if not cont:
                 raise ConfigError(f"continuation {continuation!r} encodes to no tokens")
             self.check_length(len(ctx) + len(cont), "a context plus continuation")

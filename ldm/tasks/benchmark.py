@@ -57,10 +57,25 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError(f"benchmark.greedy={b.greedy!r}; accepted: auto, true, false")
     if cfg.task.device not in DEVICES:
         raise ConfigError(f"task.device={cfg.task.device!r}; accepted: {', '.join(DEVICES)}")
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
-                 if k in SAMPLER_FIELDS and k != "cfg_scale"}
-    sampler_settings(cfg.sampler.name, overrides)
+    # a suite naming its own sampler preset (benchmark.sampler) starts from that preset's
+    # settings, not the sampler group's; benchmark.generation is set over either
+    overrides = {} if b.get("sampler") else {
+        k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items()
+        if k in SAMPLER_FIELDS and k != "cfg_scale"}
+    generation = b.get("generation")
+    generation = OmegaConf.to_container(generation, resolve=True) if generation else {}
+    unknown = sorted(set(generation) - set(SAMPLER_FIELDS))
+    if unknown:
+        raise ConfigError(f"benchmark.generation.{unknown[0]} is not a sampler setting; accepted: "
+                          f"{', '.join(SAMPLER_FIELDS)}")
+    overrides.update(generation)
+    sampler_settings(suite_sampler(cfg), overrides)
     return overrides
+
+
+def suite_sampler(cfg: DictConfig) -> str:
+    """Return the sampler preset the suite generates with (benchmark.sampler, else sampler=)."""
+    return cfg.benchmark.get("sampler") or cfg.sampler.name
 
 
 def check_suite_data(cfg: DictConfig) -> None:
@@ -188,8 +203,9 @@ def run(cfg: DictConfig) -> float:
             raise ConfigError(f"benchmark.tasks: {unknown[0]!r} is not an lm-eval task or group; "
                               "see `lm_eval ls tasks`")
     lm = LdmLM(pretrained=ckpt.where, mc_num=b.mc_num, batch_size=b.batch_size,
-               cfg_scale=b.cfg_scale, sampler=cfg.sampler.name, greedy=b.greedy, seed=cfg.seed,
-               device=cfg.task.device, dtype=cfg.model.dtype, **overrides)
+               cfg_scale=b.cfg_scale, sampler=suite_sampler(cfg), greedy=b.greedy, seed=cfg.seed,
+               device=cfg.task.device, dtype=cfg.model.dtype, chat=bool(b.get("chat")),
+               **overrides)
     shots = dict(b.num_fewshot)
     by_shots: Dict[Any, List[str]] = {}
     for name, task in zip(b.tasks, tasks):
@@ -235,7 +251,8 @@ def run(cfg: DictConfig) -> float:
     print(f"results: {path}")
     if include is not None:
         print(f"the same with the harness's command line:\n  lm_eval --model ldm --model_args "
-              f"pretrained={ckpt.where},mc_num={b.mc_num},sampler={cfg.sampler.name} "
+              f"pretrained={ckpt.where},mc_num={b.mc_num},sampler={suite_sampler(cfg)}"
+              f"{',chat=true' if b.get('chat') else ''} "
               f"--tasks {','.join(tasks)} --include_path {include}")
     print(f"headline {name} = {value:.4f} (higher is better)")
     return float(value)
