@@ -53,7 +53,7 @@ def live(tmp_path_factory):
     # browser paint the steps one by one, as a person would see them.
     server.delay = 0.03
     yield server
-    server.demo.close()
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +94,8 @@ def test_page_chats_with_a_live_canvas_then_side_by_side_and_infill(live, browse
     running = sorted({int(s.split(":")[1]) for s in seen if s.startswith("running:")})
     assert len(running) >= 2, seen  # at least two distinct intermediate canvases were drawn
     assert page.locator("#chat-canvas .ldm-mask").count() == 0
-    bubble = page.locator("#chatbot").get_by_text("model calls")
-    bubble.first.wait_for(timeout=30_000)
-    assert "tokens/s" in page.locator("#chatbot").inner_text()
+    page.locator("#chat-stats").get_by_text("model calls").first.wait_for(timeout=30_000)
+    assert "tokens/s" in page.locator("#chat-stats").inner_text()
     assert "Sort ascending: 42, 7, 19, 3" in page.locator("#chatbot").inner_text()
     page.screenshot(path=str(tmp_path / "serve-chat.png"), full_page=True)
 
