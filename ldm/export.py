@@ -93,7 +93,7 @@ def write_export(model, tokenizer, out_dir: str | Path, run_config: str | Mappin
 
 
 def conversation_turns(data_dir: str | Path) -> Optional[Dict[str, Any]]:
-    """Return {most_user_turns, multi_turn} of prepared chat data's training rows, else None.
+    """Return {most_user_turns, multi_turn} of prepared chat data's rows, else None.
 
     None when `data_dir` holds no prepared chat data (text data, a moved folder). A row with
     more than one user turn makes the data multi-turn: a model trained on none has never seen a
@@ -108,7 +108,7 @@ def conversation_turns(data_dir: str | Path) -> Optional[Dict[str, Any]]:
         return None
     user_id = (manifest.get("chat_tokens") or {}).get("<|user|>") \
         if isinstance(manifest, dict) and manifest.get("kind") == "chat" else None
-    shards = sorted((folder / "train").glob("shard-*.arrow"))
+    shards = sorted(folder.glob("*/shard-*.arrow"))  # both splits: all the data it was made of
     if user_id is None or not shards:
         return None
     import pyarrow as pa

@@ -20,6 +20,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from ldm.errors import ConfigError, LdmError
 from ldm.sampling.prompts import check_prompt_text
 from ldm.sampling.sampler import LogitsFn, check_model_cache
@@ -272,9 +275,6 @@ class ChatApi:
 
 def build_api(api: ChatApi):
     """Return a FastAPI app with the API's routes (the page, if any, is mounted beside them)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI(title="ldm", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
