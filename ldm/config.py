@@ -132,6 +132,11 @@ class ServeConfig:
     port: int = 7860
     concurrency: int = 1  # model runs at once; the rest wait in the queue
     max_queue: int = 32  # requests waiting beyond this are refused with a message
+    page: bool = True  # the Gradio page at /, beside the API at /v1; false: the API alone
+    # the API's key (clients send "Authorization: Bearer <key>"); null: LDM_API_KEY, else none
+    api_key: Optional[str] = None
+    batch_window_ms: int = 20  # API requests arriving this close together share one canvas
+    max_batch: int = 16  # the most API requests answered in one batched model run
 
 
 @dataclass

@@ -72,6 +72,10 @@ def write_export(model, tokenizer, out_dir: str | Path, run_config: str | Mappin
     config_text = run_config if isinstance(run_config, str) else \
         yaml.safe_dump(dict(run_config), sort_keys=False)
     ids = {"mask_id": tokenizer.mask_token_id, "eos_id": tokenizer.eos_token_id}
+    if info.get("data") and "conversations" not in info:
+        turns = conversation_turns(info["data"])
+        if turns is not None:  # chat data: whether a model may be asked follow-ups
+            info = {**info, "conversations": turns}
     try:
         with atomic_folder(out_dir) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
@@ -86,6 +90,47 @@ def write_export(model, tokenizer, out_dir: str | Path, run_config: str | Mappin
                        "Free space and re-run the same command: it resumes from the last "
                        "checkpoint and exports again") from err
     return out_dir
+
+
+def conversation_turns(data_dir: str | Path) -> Optional[Dict[str, Any]]:
+    """Return {most_user_turns, multi_turn} of prepared chat data's rows, else None.
+
+    None when `data_dir` holds no prepared chat data (text data, a moved folder). A row with
+    more than one user turn makes the data multi-turn: a model trained on none has never seen a
+    follow-up question, so the page sends each message alone to it.
+    """
+    import numpy as np
+
+    folder = Path(data_dir)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    user_id = (manifest.get("chat_tokens") or {}).get("<|user|>") \
+        if isinstance(manifest, dict) and manifest.get("kind") == "chat" else None
+    shards = sorted(folder.glob("*/shard-*.arrow"))  # both splits: all the data it was made of
+    if user_id is None or not shards:
+        return None
+    import pyarrow as pa
+
+    most = 0
+    for shard in shards:
+        with pa.memory_map(str(shard)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        for chunk in table.column("input_ids").chunks:
+            rows = len(chunk)
+            if not rows:
+                continue
+            width = chunk.type.list_size if pa.types.is_fixed_size_list(chunk.type) else None
+            flat = chunk.flatten().to_numpy(zero_copy_only=False) == user_id
+            if width is not None:
+                counts = flat.reshape(rows, width).sum(1)
+            else:
+                offsets = chunk.offsets.to_numpy()[: rows + 1] - chunk.offsets[0].as_py()
+                counts = np.add.reduceat(np.append(flat, False).astype(np.int64),
+                                         offsets[:-1]) * (np.diff(offsets) > 0)
+            most = max(most, int(counts.max()))
+    return {"most_user_turns": most, "multi_turn": most > 1}
 
 
 def _major(version: str) -> Optional[int]:
@@ -173,6 +218,18 @@ class Export:
         """Return the identity of the prepared data it was trained on (folder, fingerprint)."""
         return {k: self.info[k] for k in ("data", "fingerprint", "dataset", "context")
                 if k in self.info}
+
+    @property
+    def multi_turn(self) -> Optional[bool]:
+        """Return whether its SFT data had multi-turn conversations (None when unknown).
+
+        Read from ldm_export.json, or, for an export written before it was recorded there, from
+        the prepared data it names when that folder is still on this machine.
+        """
+        turns = self.info.get("conversations")
+        if not isinstance(turns, dict) and self.info.get("data"):
+            turns = conversation_turns(self.info["data"])
+        return bool(turns["multi_turn"]) if isinstance(turns, dict) else None
 
     def load_tokenizer(self):
         """Return the export's tokenizer (mask and EOS tokens set)."""

@@ -204,3 +204,66 @@ def test_a_suite_generation_setting_that_is_no_sampler_field_is_refused():
 
     with pytest.raises(ConfigError, match="benchmark.generation.beam_width is not a sampler"):
         validate(_config("benchmark=bert_chat", "+benchmark.generation.beam_width=4"))
+
+
+@pytest.mark.slow
+def test_lm_eval_local_chat_completions_against_the_api_scores_task_evaluates_exact_match(
+        world, tmp_path):
+    # lm-eval's own OpenAI-style chat model, pointed at task=serve's API, runs the synthetic
+    # suite; its answers and exact match are task=evaluate's on the same prompts and settings.
+    pytest.importorskip("gradio")
+    from test_serve import free_port
+
+    from ldm.export import read_export
+    from ldm.sampling import hf_logits_fn
+    from ldm.sampling.decode import chat_banned_ids
+    from ldm.serve.api import ChatApi, Running, build_api
+    from ldm.serve.batcher import Batcher
+    from ldm.serve.settings import load_presets
+    from ldm.tasks import benchmark, evaluate
+
+    outputs, _, _, chat = world
+    common = [*TINY, *CHAT, *SAMPLER, f"checkpoint={chat}", "tracking=off"]
+    evaluate.run(compose_config(["task=evaluate", *common, "task.max_examples=6",
+                                 "task.max_rows=4", "task.t_grid=2", "task.mc_samples=1",
+                                 "run_name=ev-api"], outputs=outputs))
+    benchmark.run(compose_config(["task=benchmark", *common, "benchmark=synthetic",
+                                  "benchmark.max_items=6", "run_name=bm-api"], outputs=outputs))
+    export = read_export(str(chat))
+    tok = export.load_tokenizer()
+    model = export.load_model()
+    presets = load_presets(REPO / "conf" / "sampler")
+    presets["llada"].max_new_tokens, presets["llada"].block_length = 8, 8  # as SAMPLER
+    batcher = Batcher(hf_logits_fn(model), tok, mask_id=export.mask_id,
+                      special_ids=chat_banned_ids(tok, model.config.vocab_size))
+    port = free_port()
+    server = Running(build_api(ChatApi(batcher, tok, presets, "llada", model_id="chat",
+                                       max_positions=export.max_positions,
+                                       model_fn=hf_logits_fn(model))), "127.0.0.1", port)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions",
+             "--model_args", f"model=chat,base_url=http://127.0.0.1:{port}/v1/chat/completions,"
+             "num_concurrent=3,max_retries=1,tokenizer_backend=none",
+             "--tasks", "ldm_synthetic", "--include_path",
+             str(outputs / "runs" / "benchmark" / "bm-api" / "tasks"), "--apply_chat_template",
+             "--log_samples", "--output_path", str(tmp_path / "out")],
+            cwd=str(REPO), capture_output=True, text=True, timeout=600,
+            env={**__import__("os").environ, "OPENAI_API_KEY": "none"})
+    finally:
+        server.close()
+        batcher.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (outputs / "runs" / "evaluate" / "ev-api" / "eval" /
+                                       "results.jsonl").read_text().splitlines()]
+    (written,) = list((tmp_path / "out").rglob("samples_ldm_synthetic_*.jsonl"))
+    samples = sorted((json.loads(x) for x in written.read_text().splitlines()),
+                     key=lambda s: s["doc_id"])
+    assert [s["doc"]["answer"] for s in samples] == [r["reference"] for r in records]
+    assert [s["resps"][0][0].strip() for s in samples] == [r["answer"] for r in records]
+    (results,) = list((tmp_path / "out").rglob("results_*.json"))
+    theirs = json.loads(results.read_text())["results"]["ldm_synthetic"]["exact_match,none"]
+    metrics = json.loads((outputs / "runs" / "evaluate" / "ev-api" / "eval" /
+                          "metrics.json").read_text())
+    assert theirs == pytest.approx(metrics["exact_match"])
+    assert batcher.stats["largest"] > 1  # lm-eval's concurrent requests shared canvases

@@ -27,12 +27,17 @@ def free_port() -> int:
 
 
 class Live:
-    """A served page: its url, the engine behind it, and a knob that slows each model call."""
+    """A served page with the API beside it: its url, the engine and batcher behind them, and a
+    knob that slows each model call."""
 
-    def __init__(self, export, title: str = "tiny"):
+    def __init__(self, export, title: str = "tiny", multi_turn=None, api_key=None,
+                 window_ms: float = 20.0):
         from ldm.model import load_model
         from ldm.sampling import hf_logits_fn
-        from ldm.serve.app import build_app, launch
+        from ldm.sampling.decode import chat_banned_ids
+        from ldm.serve.api import ChatApi, Running, build_api
+        from ldm.serve.app import build_app, mount
+        from ldm.serve.batcher import Batcher
         from ldm.serve.engine import Engine
         from ldm.serve.settings import load_presets
         from ldm.tokenizer import load_tokenizer
@@ -41,14 +46,18 @@ class Live:
         model = load_model("export", str(export), dtype="float32", attn_implementation="sdpa",
                            trust_remote_code=False).eval()
         self.base_fn, self.delay, self.prompts = hf_logits_fn(model), 0.0, []
+        self.calls = 0
 
         def model_fn(ids, mask):
+            self.calls += 1
             if self.delay:
                 time.sleep(self.delay)
             return self.base_fn(ids, mask)
 
+        model_fn.model = None  # the tests' delay needs every call to come through here
+        positions = model.config.max_position_embeddings
         self.engine = Engine(model_fn, self.tok, mask_id=self.tok.mask_token_id,
-                             max_positions=model.config.max_position_embeddings)
+                             max_positions=positions)
         answer = self.engine.answer
 
         def recording(messages, runs, session=None):
@@ -56,18 +65,31 @@ class Live:
             return answer(messages, runs, session)
 
         self.engine.answer = recording
-        self.demo = build_app(self.engine, load_presets(CONF / "sampler"), "llada", title=title)
-        _, self.url = launch(self.demo, "127.0.0.1", free_port())
+        presets = load_presets(CONF / "sampler")
+        self.batcher = Batcher(model_fn, self.tok, mask_id=self.tok.mask_token_id,
+                               special_ids=chat_banned_ids(self.tok), window_s=window_ms / 1000)
+        self.api = ChatApi(self.batcher, self.tok, presets, "llada", model_id=title,
+                           max_positions=positions, model_fn=model_fn, api_key=api_key)
+        self.demo = build_app(self.engine, presets, "llada", title=title, multi_turn=multi_turn)
+        port = free_port()
+        self.server = Running(mount(build_api(self.api), self.demo, "127.0.0.1", port),
+                              "127.0.0.1", port)
+        self.url = self.server.url
+        self.model_id = title
 
     def client(self) -> Client:
         return Client(self.url, verbose=False, download_files=False)
+
+    def close(self) -> None:
+        self.server.close()
+        self.batcher.close()
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     server = Live(make_export(tmp_path_factory.mktemp("serve") / "chat", chat=True))
     yield server
-    server.demo.close()
+    server.close()
 
 
 def states(outputs, column):
@@ -110,8 +132,8 @@ def test_chat_streams_growing_canvases_then_the_library_samplers_answer(live):
     conversation = final[0]
     assert [m["role"] for m in conversation] == ["user", "assistant"]
     shown = conversation[1]["content"][0]["text"]
-    assert shown.startswith(expected or "(empty answer)")
-    assert re.search(rf"{direct.nfe} model calls · [\d.]+ s · [\d.]+ tokens/s", shown)
+    assert shown == (expected or "(empty answer)")  # the bubble holds the answer alone
+    assert re.search(rf"{direct.nfe} model calls · [\d.]+ s · [\d.]+ tokens/s", final[2])
 
 
 def test_second_turn_sends_the_first_exchange_to_the_model(live):
@@ -153,7 +175,7 @@ def test_two_concurrent_clients_both_get_answers_one_run_at_a_time(live):
         live.delay = 0.0
     for i, result in enumerate(results):
         assert result[0][0]["content"][0]["text"] == f"question {i}"
-        assert "model calls" in result[0][1]["content"][0]["text"]
+        assert "model calls" in result[2]
     assert live.engine.running() == 0
 
 
@@ -263,6 +285,7 @@ def test_every_preset_file_becomes_a_choice(tmp_path):
 
 @pytest.mark.slow
 def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
+    import json
     import os
     import signal
     import subprocess
@@ -290,7 +313,11 @@ def test_cli_serves_the_page_on_the_configured_loopback_port(tmp_path):
         assert client.predict("fast", api_name="/preset")[:3] == (16, 16, 16)  # command line's
         answer = client.predict(message="hello", max_new_tokens=16, steps=16, block_length=16,
                                 api_name="/chat")
-        assert "model calls" in answer[0][-1]["content"][0]["text"]
+        assert "model calls" in answer[2]
+        from urllib.request import urlopen
+
+        with urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as reply:  # the API too
+            assert json.loads(reply.read())["data"][0]["id"] == "chat"
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -53,7 +53,7 @@ def live(tmp_path_factory):
     # browser paint the steps one by one, as a person would see them.
     server.delay = 0.03
     yield server
-    server.demo.close()
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +94,8 @@ def test_page_chats_with_a_live_canvas_then_side_by_side_and_infill(live, browse
     running = sorted({int(s.split(":")[1]) for s in seen if s.startswith("running:")})
     assert len(running) >= 2, seen  # at least two distinct intermediate canvases were drawn
     assert page.locator("#chat-canvas .ldm-mask").count() == 0
-    bubble = page.locator("#chatbot").get_by_text("model calls")
-    bubble.first.wait_for(timeout=30_000)
-    assert "tokens/s" in page.locator("#chatbot").inner_text()
+    page.locator("#chat-stats").get_by_text("model calls").first.wait_for(timeout=30_000)
+    assert "tokens/s" in page.locator("#chat-stats").inner_text()
     assert "Sort ascending: 42, 7, 19, 3" in page.locator("#chatbot").inner_text()
     page.screenshot(path=str(tmp_path / "serve-chat.png"), full_page=True)
 
@@ -167,3 +166,30 @@ def test_closing_the_tab_stops_its_generation(live, browser):
     assert after["stopped"] == before["stopped"] + 1, (before, after)
     assert after["finished"] == before["finished"], (before, after)
     assert after["steps"] - before["steps"] < 96, (before, after)
+
+
+def test_single_turn_model_says_so_and_answers_a_second_message_as_shown(browser, tmp_path_factory):
+    export = make_export(tmp_path_factory.mktemp("single") / "chat", chat=True)
+    server = Live(export, title="single", multi_turn=False)
+    try:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.locator("#chat-input textarea").wait_for(timeout=60_000)
+        assert "each message starts a new conversation" in page.locator("#chat-note").inner_text()
+        assert not page.locator("#chat-send-conversation input").is_checked()
+        for text in ("the king spoke", "and the queen?"):
+            page.locator("#chat-input textarea").fill(text)
+            page.locator("#chat-send").click()
+            page.wait_for_function(  # the answer replaced the "…" placeholder
+                f"() => {{ const t = document.querySelector('#chatbot').innerText;"
+                f" return t.includes({text!r}) && !t.includes('…'); }}", timeout=120_000)
+        shown = page.locator("#chatbot").inner_text()
+        # The second message started a new conversation: it alone is shown, and it alone was sent.
+        assert "and the queen?" in shown and "the king spoke" not in shown
+        assert server.prompts[-1] == [{"role": "user", "content": "and the queen?"}]
+        alone = server.client().predict(message="and the queen?", send_conversation=False,
+                                        api_name="/chat")[0][-1]["content"][0]["text"]
+        assert " ".join(alone.split()) in " ".join(shown.split())
+        page.close()
+    finally:
+        server.close()

@@ -2,7 +2,10 @@
 
 Each request is a generator over the engine's frames, so the page redraws the canvas after every
 sampler step. Requests queue (`concurrency` model runs at once); a request's runs stop when its
-stop button is pressed or its tab is closed.
+stop button is pressed or its tab is closed. The chat sends what it shows: the visible
+conversation (the `/chat` endpoint's `conversation`) is the history, or, with "send the
+conversation so far" off (the start for a model trained on single-turn data), each message starts
+a new conversation and goes alone.
 """
 
 from __future__ import annotations
@@ -18,6 +21,35 @@ from ldm.serve.settings import PAGE_FIELDS, page_sampler, page_settings, preset_
 
 REMASKING = ["low_confidence", "random", "margin", "entropy"]
 INFILL_EXAMPLE = "The king [MASK:4] to the queen [MASK:3]."
+EMPTY_ANSWER = "(empty answer)"  # what the bubble shows for an empty answer; sent back as ""
+SINGLE_TURN_NOTE = ("This model was trained on single-turn conversations: each message starts a "
+                    "new conversation and is sent alone. Tick *Send the conversation so far* to "
+                    "send earlier turns anyway.")
+
+
+def message_text(content: Any) -> str:
+    """Return the text of a chat message's content (a string or Gradio's list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def shown_history(conversation: Optional[List[Any]]) -> List[Dict[str, str]]:
+    """Return the visible conversation as the {role, content} messages the model is sent."""
+    out = []
+    for message in conversation or []:
+        get = message.get if isinstance(message, dict) else \
+            (lambda key, m=message: getattr(m, key, None))
+        role, text = get("role"), message_text(get("content"))
+        if role not in ("user", "assistant"):
+            continue
+        out.append({"role": role, "content": "" if role == "assistant" and text == EMPTY_ANSWER
+                    else text})
+    return out
 
 
 def _session(request: Optional[gr.Request]) -> Optional[str]:
@@ -33,8 +65,13 @@ def _settings(engine: Engine, presets: Dict[str, Any], preset: str, values: List
 
 
 def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
-              title: str = "ldm", concurrency: int = 1, max_queue: int = 32) -> gr.Blocks:
-    """Return the page (a gr.Blocks with its queue set) serving `engine`."""
+              title: str = "ldm", concurrency: int = 1, max_queue: int = 32,
+              multi_turn: Optional[bool] = None) -> gr.Blocks:
+    """Return the page (a gr.Blocks with its queue set) serving `engine`.
+
+    `multi_turn` is whether the model's SFT data had multi-turn conversations (None: unknown);
+    with False the chat starts with each message sent alone, and says so.
+    """
     names = list(presets)
     start = page_settings(preset_values(presets, default_preset))
     other = next((n for n in names if n != default_preset and n == "fast"),
@@ -45,11 +82,12 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
                     "grey boxes are still masked, each token is coloured by the step that "
                     "committed it (blue early, amber late), outlined tokens were committed by the "
                     "latest step.")
-        history = gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                        note = SINGLE_TURN_NOTE if multi_turn is False else ""
+                        gr.Markdown(note, elem_id="chat-note", visible=bool(note))
                         chatbot = gr.Chatbot(label="Conversation", height=300, elem_id="chatbot")
                         canvas = gr.HTML(empty_canvas("the answer appears here, step by step"),
                                          elem_id="chat-canvas")
@@ -62,6 +100,10 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
                         with gr.Row():
                             stop = gr.Button("Stop", elem_id="chat-stop")
                             clear = gr.Button("Clear conversation", elem_id="chat-clear")
+                            send_conversation = gr.Checkbox(
+                                multi_turn is not False, label="Send the conversation so far",
+                                info="off: each message starts a new conversation",
+                                elem_id="chat-send-conversation")
                     with gr.Tab("Side by side", id="side", elem_id="tab-side"):
                         side_prompt = gr.Textbox(label="Prompt", elem_id="side-input")
                         with gr.Row():
@@ -119,8 +161,8 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
                 raise gr.Error(user_message(err), print_exception=False) from None
             return [values[k] for k in PAGE_FIELDS]
 
-        def on_chat(message, conversation, past, preset, max_new_tokens, steps, block_length,
-                    threshold, temperature, top_p, cfg_scale, remasking,
+        def on_chat(message, conversation, send_conversation, preset, max_new_tokens, steps,
+                    block_length, threshold, temperature, top_p, cfg_scale, remasking,
                     request: gr.Request = None):
             text = (message or "").strip()
             if not text:
@@ -128,20 +170,18 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
             settings = _settings(engine, presets, preset, [
                 max_new_tokens, steps, block_length, threshold, temperature, top_p, cfg_scale,
                 remasking])
-            shown = list(conversation or [])
+            # What the page shows is what the model is sent: the visible conversation, or, when
+            # each message starts a new conversation, the message alone (and only it is shown).
+            past = shown_history(conversation) if send_conversation else []
             messages = [*past, {"role": "user", "content": text}]
-            shown = [*shown, {"role": "user", "content": text},
-                     {"role": "assistant", "content": "…"}]
+            shown = [*messages, {"role": "assistant", "content": "…"}]
             try:
                 for frame in engine.answer(messages, [settings], _session(request)):
                     if not frame.done:
-                        yield shown, past, frame.html, frame.stats, ""
+                        yield shown, frame.html, frame.stats, ""
                         continue
-                    answer = frame.text or ""
-                    shown[-1] = {"role": "assistant",
-                                 "content": f"{answer or '(empty answer)'}\n\n*{frame.stats}*"}
-                    yield shown, [*messages, {"role": "assistant", "content": answer}], \
-                        frame.html, frame.stats, ""
+                    shown[-1] = {"role": "assistant", "content": frame.text or EMPTY_ANSWER}
+                    yield shown, frame.html, frame.stats, ""
             except LdmError as err:
                 raise gr.Error(user_message(err), print_exception=False) from None
 
@@ -178,11 +218,11 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
             engine.stop(_session(request))
 
         def on_clear():
-            return [], [], empty_canvas("the answer appears here, step by step"), "", ""
+            return [], empty_canvas("the answer appears here, step by step"), "", ""
 
         preset.change(on_preset, preset, settings, api_name="preset", queue=False)
-        chat_inputs = [message, chatbot, history, preset, *settings]
-        chat_outputs = [chatbot, history, canvas, stats, message]
+        chat_inputs = [message, chatbot, send_conversation, preset, *settings]
+        chat_outputs = [chatbot, canvas, stats, message]
         send.click(on_chat, chat_inputs, chat_outputs, api_name="chat")
         message.submit(on_chat, chat_inputs, chat_outputs, api_name=False)
         side_run.click(on_side, [side_prompt, preset_a, preset_b, side_new],
@@ -192,7 +232,7 @@ def build_app(engine: Engine, presets: Dict[str, Any], default_preset: str, *,
         stop.click(on_stop, None, None, api_name="stop", queue=False)
         for button in (side_stop, infill_stop):
             button.click(on_stop, None, None, api_name=False, queue=False)
-        clear.click(on_clear, None, [chatbot, history, canvas, stats, message], api_name="clear",
+        clear.click(on_clear, None, [chatbot, canvas, stats, message], api_name="clear",
                     queue=False)
         demo.unload(on_stop)  # a closed tab stops its runs
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
@@ -203,6 +243,13 @@ def theme():
     """Return the page theme, with system fonts so the page needs nothing from the internet."""
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                              font_mono=["ui-monospace", "monospace"])
+
+
+def mount(app, demo: gr.Blocks, host: str, port: int):
+    """Return `app` (the API's FastAPI app) with the page mounted at / beside its routes."""
+    return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port,
+                               footer_links=["api"], show_error=True, ssr_mode=False,
+                               theme=theme(), css=CSS)
 
 
 def launch(demo: gr.Blocks, host: str, port: int):

@@ -12,6 +12,8 @@ from ldm.sampling.settings import SamplerSettings
 # later sampler options add) is taken from the chosen preset as it is.
 PAGE_FIELDS = ("max_new_tokens", "steps", "block_length", "threshold", "temperature", "top_p",
                "cfg_scale", "remasking")
+# What an API request may set on top of its preset (the page's settings and the block cache).
+API_FIELDS = (*PAGE_FIELDS, "cache")
 
 
 def load_presets(folder: str | Path) -> Dict[str, Any]:
@@ -61,12 +63,13 @@ def page_settings(preset: Dict[str, Any]) -> Dict[str, Any]:
 
 def page_sampler(presets: Dict[str, Any], name: str, values: Optional[Dict[str, Any]] = None,
                  max_new_tokens: Optional[int] = None,
-                 max_positions: Optional[int] = None) -> SamplerSettings:
+                 max_positions: Optional[int] = None,
+                 accepted: tuple = PAGE_FIELDS) -> SamplerSettings:
     """Return the validated settings of preset `name` with the page's `values` on top."""
     args = preset_values(presets, name, max_new_tokens)
     for key, value in (values or {}).items():
-        if key not in PAGE_FIELDS:
-            raise ConfigError(f"{key!r} is not a page setting; accepted: {', '.join(PAGE_FIELDS)}")
+        if key not in accepted:
+            raise ConfigError(f"{key!r} is not a page setting; accepted: {', '.join(accepted)}")
         if value is None or value == "":
             raise ConfigError(f"{key} is empty; give it a value")
         args[key] = value

@@ -1,6 +1,8 @@
-"""task=serve: the web demo of an export (chat with a live canvas, side by side, infill).
+"""task=serve: the web demo of an export (chat with a live canvas, side by side, infill) and the
+OpenAI-compatible API beside it (/v1/chat/completions, /v1/models).
 
     python run.py task=serve checkpoint=outputs/models/<run> [sampler=fast] [serve.port=7861]
+    python run.py task=serve checkpoint=outputs/models/<run> serve.page=false   # the API alone
 
 Everything the command line can get wrong (checkpoint, chat template, port, host, sampler
 settings, the gradio extra) is checked before the model loads; the page itself turns bad prompts
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,13 @@ def check_serve(cfg: DictConfig) -> None:
                           f"once)")
     if serve.max_queue < 1:
         raise ConfigError(f"serve.max_queue={serve.max_queue} must be >= 1")
+    if serve.batch_window_ms < 0:
+        raise ConfigError(f"serve.batch_window_ms={serve.batch_window_ms} must be >= 0 (0: "
+                          f"only requests already waiting are batched)")
+    if serve.max_batch < 1:
+        raise ConfigError(f"serve.max_batch={serve.max_batch} must be >= 1")
+    if serve.api_key is not None and not str(serve.api_key).strip():
+        raise ConfigError("serve.api_key is empty; give a key or null (no key)")
     from ldm.tasks.common import check_device
 
     check_device(cfg.task.device)
@@ -123,29 +133,47 @@ def run(cfg: DictConfig) -> float:
     mask_id = export.mask_id if export.mask_id is not None else tok.mask_token_id
 
     from ldm.sampling import hf_logits_fn
-    from ldm.serve.app import build_app, launch
-    from ldm.serve.engine import Engine
+    from ldm.sampling.decode import chat_banned_ids
+    from ldm.serve.api import ChatApi, Running, build_api
+    from ldm.serve.batcher import Batcher
 
     model = export.load_model(dtype=cfg.model.dtype,
                               attn_implementation=cfg.model.attn_implementation,
                               trust_remote_code=cfg.model.trust_remote_code,
                               vocab_size=len(tok), device=device)
-    engine = Engine(hf_logits_fn(model), tok, mask_id=mask_id,
-                    max_positions=export.max_positions, device=device, seed=cfg.seed,
-                    system=cfg.task.system, vocab_size=model.config.vocab_size)
-    demo = build_app(engine, presets, start.name, title=Path(export.where).name,
-                     concurrency=cfg.serve.concurrency, max_queue=cfg.serve.max_queue)
+    model_fn = hf_logits_fn(model)
+    title = Path(export.where).name
+    api_key = cfg.serve.api_key or os.environ.get("LDM_API_KEY") or None
+    app = build_api(ChatApi(
+        Batcher(model_fn, tok, mask_id=mask_id,
+                special_ids=chat_banned_ids(tok, model.config.vocab_size), device=device,
+                window_s=cfg.serve.batch_window_ms / 1000, max_batch=cfg.serve.max_batch),
+        tok, presets, start.name, model_id=title, max_positions=export.max_positions,
+        model_fn=model_fn, system=cfg.task.system, seed=cfg.seed, api_key=api_key))
+    if cfg.serve.page:
+        from ldm.serve.app import build_app, mount
+        from ldm.serve.engine import Engine
+
+        engine = Engine(model_fn, tok, mask_id=mask_id, max_positions=export.max_positions,
+                        device=device, seed=cfg.seed, system=cfg.task.system,
+                        vocab_size=model.config.vocab_size)
+        demo = build_app(engine, presets, start.name, title=title,
+                         concurrency=cfg.serve.concurrency, max_queue=cfg.serve.max_queue,
+                         multi_turn=export.multi_turn)
+        app = mount(app, demo, host, port)
     if not is_loopback(host):
         print(f"warning: serve.host={host} lets anyone who can reach this machine on port {port} "
-              f"use the model (no login, no TLS); use 127.0.0.1 to keep it to this machine",
-              flush=True)
+              f"use the model (no TLS{'' if api_key else ', no API key'}; the page has no "
+              f"login); use 127.0.0.1 to keep it to this machine", flush=True)
     import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes
-    launch(demo, host, port)
-    print(f"serving {export.where} on http://{host}:{port} (Ctrl+C stops)", flush=True)
+    server = Running(app, host, port)
+    what = "the page and the API" if cfg.serve.page else "the API"
+    print(f"serving {export.where} ({what}) on http://{host}:{port} ; OpenAI-compatible API at "
+          f"http://{host}:{port}/v1 (model {title!r}) (Ctrl+C stops)", flush=True)
     try:
-        demo.block_thread()  # until Ctrl+C
+        server.wait()  # until Ctrl+C
     finally:
-        demo.close()
+        server.close()
     return 0.0
