@@ -148,25 +148,28 @@ def _wait(procs, timeout: float) -> list:
 
 
 def two_machines_killed_and_resumed(commands, outputs: Path, run_name: str, logs: Path) -> list:
-    """Start machines 0 and 1 (`commands(rank, port)`), SIGKILL machine 1's launcher and process
-    once checkpoint 2 is complete, let machine 0 fail, then start both again; return the logs."""
+    """Start machines 0 and 1 (`commands(rank, port)`); machine 1's process kills itself in the
+    middle of step 3 (after the step-2 checkpoint) and its launcher is killed too; machine 0
+    fails; then both start again. Return the logs of (first, second) start, per machine."""
     logs.mkdir(parents=True, exist_ok=True)
     first = [logs / f"first{rank}.log" for rank in (0, 1)]
     port = _free_port()
+    rendezvous_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [_start(commands(rank, port), outputs, first[rank],
-                    {"NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                    {**rendezvous_env, "NODE_RANK": str(rank),
+                     **({"LDM_KILL_AT": "forward:3"} if rank == 1 else {})})
              for rank in (0, 1)]
-    done = outputs / "runs" / "pretrain" / run_name / "checkpoints" / "step-0000002" / "trainer_state.json"
-    deadline = time.monotonic() + 240
     try:
-        while not done.exists():
-            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
-                "no checkpoint at step 2: " + first[0].read_text()[-3000:] + first[1].read_text()[-3000:]
-            time.sleep(0.05)
+        _wait(procs[1:], 240)
     finally:
-        os.killpg(procs[1].pid, signal.SIGKILL)  # machine 1 is lost
-        procs[1].wait()
+        try:
+            os.killpg(procs[1].pid, signal.SIGKILL)  # whatever is left of machine 1
+        except ProcessLookupError:
+            pass
     assert _wait(procs[:1], 60)[0] != 0, "machine 0 cannot finish without machine 1"
+    ckpts = outputs / "runs" / "pretrain" / run_name / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"], \
+        first[0].read_text()[-3000:] + first[1].read_text()[-3000:]
     assert not (outputs / "models" / run_name).exists()
 
     second = [logs / f"second{rank}.log" for rank in (0, 1)]

@@ -213,7 +213,9 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
 
     check_machines(cfg)
     launch = accelerate_settings(cfg)
-    if launch and launch.get("num_machines", 1) != cfg.hardware.num_machines:
+    # on GPUs accelerate launch reads the file (on CPU torchrun takes the layout from ldm)
+    if launch and cfg.hardware.accelerator != "cpu" and \
+            launch.get("num_machines", 1) != cfg.hardware.num_machines:
         raise ConfigError(f"hardware.accelerate_config={cfg.hardware.accelerate_config} says "
                           f"num_machines: {launch.get('num_machines', 1)} but hardware.num_machines="
                           f"{cfg.hardware.num_machines}; make them agree")
