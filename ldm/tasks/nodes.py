@@ -98,13 +98,12 @@ def machine_command(*, accelerator: str, num_processes: int, num_machines: int,
     `num_machines` machines (None: one machine)."""
     per_machine = num_processes // num_machines
     if accelerator == "cpu":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(per_machine)]
+        cmd = [sys.executable, "-m", "torch.distributed.run"]
         if where is None:
-            cmd.append("--standalone")
-        else:
-            cmd += ["--nnodes", str(num_machines), "--node_rank", str(where.machine_rank),
-                    "--master_addr", where.main_address, "--master_port", str(where.main_port)]
-        return [*cmd, script, *argv]
+            return [*cmd, "--standalone", "--nproc_per_node", str(per_machine), script, *argv]
+        return [*cmd, "--nproc_per_node", str(per_machine), "--nnodes", str(num_machines),
+                "--node_rank", str(where.machine_rank), "--master_addr", where.main_address,
+                "--master_port", str(where.main_port), script, *argv]
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
