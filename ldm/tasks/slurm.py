@@ -69,7 +69,11 @@ def submit(cfg: DictConfig, argv: list) -> float:
     if shutil.which("sbatch") is None:
         raise ConfigError("launcher=slurm needs SLURM's sbatch on PATH (run it on the cluster's "
                           "login node); launcher.dry_run=true prints what it would submit")
-    import submitit
+    try:
+        import submitit
+    except ImportError as err:
+        raise ConfigError("launcher=slurm needs submitit: pip install -e \".[slurm]\" (or use "
+                          "examples/slurm_two_nodes.sbatch)") from err
 
     hw, lc = cfg.hardware, cfg.launcher
     folder = run_dir(cfg) / "slurm"
