@@ -321,7 +321,8 @@ class BenchmarkConfig:
 class HardwareConfig:
     name: str = MISSING
     accelerator: str = "cpu"  # cpu | gpu
-    num_processes: int = 1
+    num_processes: int = 1  # all processes of the run, over every machine
+    num_machines: int = 1  # machines (nodes) the processes are spread over, the same number each
     mixed_precision: str = "no"  # no | bf16 | fp16
     micro_batch_size: int = 8
     # micro-batches per optimizer step; auto = global batch / (micro-batch x processes)
@@ -331,6 +332,27 @@ class HardwareConfig:
     # no dataloader_workers: the loop gathers each micro-batch from the memory-mapped arrow rows in
     # the training process (no DataLoader), which costs microseconds per step
     accelerate_config: Optional[str] = None
+
+
+@dataclass
+class LauncherConfig:
+    """How the processes of a training run are started on one machine or several."""
+    name: str = MISSING
+    dry_run: bool = False  # print the per-machine commands (and SLURM request) and stop
+    # rendezvous of a several-machine run; null = from the environment
+    machine_rank: Optional[int] = None  # null = NODE_RANK, else SLURM_NODEID
+    main_address: Optional[str] = None  # null = MASTER_ADDR, else the first host of SLURM_JOB_NODELIST
+    main_port: Optional[int] = None  # null = MASTER_PORT, else 29500
+    # launcher=slurm: the allocation submitit asks for (one task per machine)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 1440  # the job's wall-clock limit in minutes
+    gpus_per_node: Optional[int] = None  # null = processes per machine (GPU presets), 0 on CPU
+    cpus_per_task: Optional[int] = None  # null = SLURM's default
+    mem_gb: Optional[int] = None  # null = SLURM's default
+    additional: Dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {exclusive: true}
 
 
 @dataclass
@@ -352,6 +374,7 @@ class LdmConfig:
     sampler: SamplerConfig = MISSING
     benchmark: BenchmarkConfig = MISSING
     hardware: HardwareConfig = MISSING
+    launcher: LauncherConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # task=serve: host, port, queue
@@ -384,6 +407,7 @@ GROUP_SCHEMAS = {
     "sampler": SamplerConfig,
     "benchmark": BenchmarkConfig,
     "hardware": HardwareConfig,
+    "launcher": LauncherConfig,
     "tracking": TrackingConfig,
 }
 

@@ -122,22 +122,98 @@ def needs_launch(cfg: DictConfig) -> bool:
     return cfg.hardware.num_processes > 1 and not under_launcher()
 
 
-def launch_command(cfg: DictConfig, argv: list) -> list:
-    """Return the command that starts hardware.num_processes copies of `run.py argv`."""
+def check_machines(cfg: DictConfig) -> None:
+    """Raise ConfigError unless hardware.num_processes spreads evenly over hardware.num_machines."""
     hw = cfg.hardware
-    run_py = str(Path(cfg.paths.root) / "run.py")
-    if hw.accelerator == "cpu":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", str(hw.num_processes), run_py, *argv]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if hw.accelerate_config:
-        config = Path(hw.accelerate_config)
-        cmd += ["--config_file", str(config if config.is_absolute() else Path(cfg.paths.root) / config)]
-    return [*cmd, "--num_processes", str(hw.num_processes), run_py, *argv]
+    if hw.num_machines < 1 or hw.num_processes % hw.num_machines:
+        raise ConfigError(f"hardware.num_processes={hw.num_processes} (all machines together) "
+                          f"must be a whole multiple of hardware.num_machines={hw.num_machines} "
+                          ">= 1: every machine runs the same number of processes")
+    if cfg.launcher.name == "slurm" and hw.num_machines == 1:
+        raise ConfigError(f"launcher=slurm starts one run over several machines but hardware="
+                          f"{hw.name} has hardware.num_machines=1; pick a several-machine preset "
+                          "(e.g. hardware=h100x8_nodes2_fsdp), or submit one-machine jobs with "
+                          "hydra/launcher=submitit_slurm")
+
+
+def machine_rendezvous(cfg: DictConfig, env=None):
+    """Return this machine's Rendezvous: launcher.* where set, else the environment's."""
+    from ldm.tasks.nodes import rendezvous
+
+    lc = cfg.launcher
+    return rendezvous(cfg.hardware.num_machines, lc.machine_rank, lc.main_address, lc.main_port, env)
+
+
+def launch_command(cfg: DictConfig, argv: list, where=None, script: str | None = None) -> list:
+    """Return the command that starts this machine's processes of `run.py argv` (or `script`):
+    all hardware.num_processes on one machine, or, placed by `where` (a Rendezvous), its share
+    of them among hardware.num_machines machines."""
+    from ldm.tasks.nodes import machine_command, resolve_config_path
+
+    hw = cfg.hardware
+    return machine_command(
+        accelerator=hw.accelerator, num_processes=hw.num_processes, num_machines=hw.num_machines,
+        accelerate_config=resolve_config_path(cfg.paths.root, hw.accelerate_config),
+        script=script or str(Path(cfg.paths.root) / "run.py"), argv=argv, where=where)
+
+
+def _shell(cmd: list) -> str:
+    """Return `cmd` as a shell line that leaves $VARIABLE placeholders unquoted."""
+    return " ".join(arg if arg.startswith("$") else shlex.quote(arg) for arg in cmd)
+
+
+def launch_plan(cfg: DictConfig, argv: list) -> list:
+    """Return the lines a dry run prints: the SLURM request (launcher=slurm), then each
+    machine's command (rendezvous values not known yet stay $NODE_RANK-style placeholders)."""
+    from ldm.tasks.nodes import DEFAULT_PORT, Rendezvous
+
+    hw, lc = cfg.hardware, cfg.launcher
+    lines = []
+    if lc.name == "slurm":
+        from ldm.tasks.slurm import slurm_parameters
+
+        lines.append("launcher=slurm would submit (submitit, one task per node): " + ", ".join(
+            f"{key}={value}" for key, value in slurm_parameters(cfg).items()))
+        lines.append("each task runs its node's command with machine rank = SLURM_NODEID and main "
+                     "address = the first host of SLURM_JOB_NODELIST:")
+    argv = [arg for arg in argv if not arg.startswith("launcher.dry_run")]
+    if hw.num_machines == 1:
+        return [*lines, f"machine 0: {_shell(launch_command(cfg, argv))}"]
+    address = lc.main_address or ("$MASTER_ADDR" if lc.name == "slurm"
+                                  else os.environ.get("MASTER_ADDR") or "$MASTER_ADDR")
+    port = lc.main_port or (None if lc.name == "slurm" else os.environ.get("MASTER_PORT"))
+    port = port or (DEFAULT_PORT if lc.name == "slurm" else "$MASTER_PORT")
+    for rank in range(hw.num_machines):
+        where = Rendezvous(rank, address, port)
+        lines.append(f"machine {rank}: {_shell(launch_command(cfg, argv, where))}")
+    return lines
+
+
+def dry_run(cfg: DictConfig) -> float:
+    """Check the layout, print what launcher.dry_run=true would start, start nothing."""
+    from ldm.train.data import check_batch_layout, resolve_accumulation
+
+    check_machines(cfg)
+    hw = cfg.hardware
+    accumulation = resolve_accumulation(hw.gradient_accumulation_steps, cfg.task.global_batch_size,
+                                        hw.micro_batch_size, hw.num_processes)
+    check_batch_layout(cfg.task.global_batch_size, hw.micro_batch_size, accumulation,
+                       hw.num_processes)
+    print(f"hardware={hw.name}: {hw.num_machines} machine(s) x "
+          f"{hw.num_processes // hw.num_machines} process(es) x {hw.micro_batch_size} rows x "
+          f"{accumulation} accumulation = {cfg.task.global_batch_size} rows per step")
+    for line in launch_plan(cfg, sys.argv[1:]):
+        print(line)
+    from ldm.tasks.common import discard_new_run_folder, run_dir, unlock_run_folder
+
+    unlock_run_folder(run_dir(cfg))
+    discard_new_run_folder()  # a dry run leaves no run folder behind
+    return float("nan")
 
 
 def relaunch(cfg: DictConfig) -> float:
-    """Run this command again as hardware.num_processes processes; exit with their status."""
+    """Start this machine's processes of the run (or, with launcher=slurm outside a SLURM job,
+    submit the run to SLURM); exit with their status."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -148,11 +224,22 @@ def relaunch(cfg: DictConfig) -> float:
             f"hardware.num_processes={cfg.hardware.num_processes} in a multirun: each job would "
             "start the whole sweep again; launch the sweep itself with `accelerate launch "
             f"--config_file {cfg.hardware.accelerate_config} run.py -m ...`")
-    cmd = launch_command(cfg, sys.argv[1:])
+    hw = cfg.hardware
+    several = hw.num_machines > 1
+    if several and cfg.launcher.name == "slurm" and "SLURM_JOB_ID" not in os.environ:
+        from ldm.tasks.slurm import submit
+
+        unlock_run_folder(run_dir(cfg))  # global rank 0, on the first node, takes it
+        return submit(cfg, sys.argv[1:])
+    where = machine_rendezvous(cfg) if several else None
+    cmd = launch_command(cfg, sys.argv[1:], where)
     # rank 0 of the launch takes the run folder's lock; this process only waits for the ranks
     unlock_run_folder(run_dir(cfg))
-    print(f"hardware={cfg.hardware.name} runs {cfg.hardware.num_processes} processes; starting: "
-          f"{shlex.join(cmd)}", flush=True)
+    layout = f"{hw.num_processes} processes"
+    if several:
+        layout += (f" on {hw.num_machines} machines; machine {where.machine_rank} (rendezvous "
+                   f"{where.main_address}:{where.main_port})")
+    print(f"hardware={hw.name} runs {layout}; starting: {shlex.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=cfg.paths.root, env=dict(os.environ))
     if proc.returncode != 0:
         # the processes printed their own error; one more line would repeat it

@@ -209,7 +209,16 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
 
     schedule_source(cfg)
     validate(loop_config(cfg, 0), cfg.hardware.num_processes)
-    accelerate_settings(cfg)
+    from ldm.tasks.launch import check_machines
+
+    check_machines(cfg)
+    launch = accelerate_settings(cfg)
+    # on GPUs accelerate launch reads the file (on CPU torchrun takes the layout from ldm)
+    if launch and cfg.hardware.accelerator != "cpu" and \
+            launch.get("num_machines", 1) != cfg.hardware.num_machines:
+        raise ConfigError(f"hardware.accelerate_config={cfg.hardware.accelerate_config} says "
+                          f"num_machines: {launch.get('num_machines', 1)} but hardware.num_machines="
+                          f"{cfg.hardware.num_machines}; make them agree")
     if cfg.task.resume_from:
         ckpt.read_state(cfg.task.resume_from)
     from ldm.tasks.launch import check_init_from
@@ -257,6 +266,10 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
     from ldm.train.distributed import check_world_size, layers_to_wrap
     from ldm.train.loop import make_accelerator, seed_everything, train, validate
 
+    if cfg.launcher.dry_run:  # before the data checks: the plan needs no prepared data
+        from ldm.tasks.launch import dry_run
+
+        return dry_run(cfg)
     if checks is not None:
         checks(cfg)
     found = check_training(cfg, kind)

@@ -32,6 +32,20 @@ def check_world_size(configured: int, launched: int) -> None:
             f"hardware.num_processes={launched}")
 
 
+def joined_line(accelerator, plan, step: int) -> str:
+    """Return the line every process logs as it starts training: where it runs (global rank,
+    machine, local rank, host) and the rows it reads of optimizer step `step` (0-based)."""
+    import socket
+
+    from ldm.ranks import node_rank
+
+    rank = accelerator.process_index
+    rows = sorted(int(i) for micro in range(plan.accumulation) for i in plan.indices(step, micro, rank))
+    return (f"rank {rank} of {accelerator.num_processes} joined (machine {node_rank()}, local rank "
+            f"{accelerator.local_process_index}, host {socket.gethostname()}); step {step + 1} "
+            f"reads rows {rows}")
+
+
 def layer_classes(model: torch.nn.Module) -> List[str]:
     """Return the class names of the repeated blocks (items of a ModuleList) of `model`."""
     return sorted({type(block).__name__ for blocks in model.modules()

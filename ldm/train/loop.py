@@ -31,7 +31,8 @@ from ldm.masking import normalizer_for
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
-from ldm.train.distributed import check_deepspeed, export_main, fit_sharding, keep_fp32_buffers
+from ldm.train.distributed import (check_deepspeed, export_main, fit_sharding, joined_line,
+                                  keep_fp32_buffers)
 from ldm.train.objective import check_normalizer, diffusion_step
 from ldm.train.update import apply_update
 
@@ -226,6 +227,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         log.info("resumed from %s at step %d", source, start)
 
+    if start < cfg.max_steps and not state["stopped"]:
+        log.info(joined_line(accelerator, plan, start))  # every rank: all joined, each its rows
     view = train_data.with_format("numpy")
     # all of them (frozen ones have no gradient): FSDP clips only when handed exactly these
     params = list(wrapped.parameters())
