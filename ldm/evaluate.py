@@ -268,8 +268,9 @@ def prompts_in_training(manifest: dict) -> set:
     """Return the user prompts of a synthetic data set's training split (regenerated).
 
     A small generator space repeats prompts (copy combines words of a short list; max and sort
-    draw 3 numbers of 0..99 at difficulty 1; the made-up words of reverse and count rarely
-    repeat): a held-out prompt may also be a training prompt, and the summary counts those apart.
+    draw 3 numbers of 0..99 at difficulty 1; half of reverse's words are real words of a short
+    list; made-up words rarely repeat): a held-out prompt may also be a training prompt, and the
+    summary counts those apart.
     """
     from ldm.data import synthetic
     from ldm.data.pretrain import split_of

@@ -14,10 +14,14 @@ answers under 30. Difficulty is an integer in 1..MAX_DIFFICULTY and sets the siz
   add      Add 47 and 385.                  432          one operand d + 1 digits, the other
                                                          1..d + 1 digits (order random)
 
-Copy draws its words from WORDS (~120 real words, a phrase of distinct words); reverse and count
-draw made-up words (random lowercase letters). From a small word list their held-out prompts would
-also be training prompts (a few dozen words of 3-4 letters at difficulty 1), so exact match there
-would measure memory; copy's phrases combine words, so most held-out copy prompts at difficulty 1
+Copy draws its words from WORDS (~120 real words, a phrase of distinct words); count draws
+made-up words (random lowercase letters); reverse draws a real word of the right length from WORDS
+in REAL_WORD_RATE of its prompts and a made-up word in the rest. From the small word list a
+held-out prompt is often a training prompt too (a few dozen words of 3-4 letters at difficulty 1),
+so exact match there would measure memory; the made-up words are new prompts. The real words are
+a foothold: a small model learns them first (few, often repeated) and finds the position rule
+from them, where from made-up words alone it found it late or not at all (see the quickstart's
+seed table, benchmarks/RESULTS.md); copy's phrases combine words, so most held-out copy prompts at difficulty 1
 are training prompts too, and evaluation reports exact match on the unseen ones apart.
 
 Mixing: example i has task type `task_types[i % len(task_types)]` (round robin, so counts differ
@@ -45,7 +49,7 @@ Maker = Callable[[random.Random, int], Tuple[str, str]]
 Checker = Callable[[str, str], bool]
 TaskTypes = Union[None, str, Sequence[str]]  # None = all of TASK_TYPES; a str = that one type
 
-GENERATOR_VERSION = 2  # bump when any example for a given (seed, types, difficulty) changes
+GENERATOR_VERSION = 3  # bump when any example for a given (seed, types, difficulty) changes
 MAX_DIFFICULTY = 5
 
 WORDS = (
@@ -73,6 +77,7 @@ COPY_SIZES = {1: (2, 3, 4), 2: (2, 4, 5), 3: (3, 3, 4), 4: (3, 4, 5), 5: (4, 3, 
 # difficulty -> (fewest letters, most letters) of the word for reverse and count
 WORD_LENGTHS = {1: (3, 4), 2: (4, 5), 3: (5, 6), 4: (6, 7), 5: (7, 9)}
 ABSENT_LETTER_RATE = 0.2  # share of count prompts whose letter is not in the word (answer 0)
+REAL_WORD_RATE = 0.5  # share of reverse prompts that reverse a real word (the rest: made-up words)
 
 _LIST_SEPARATOR = re.compile(r"\s*,\s*")
 
@@ -105,7 +110,9 @@ def make_copy(rng: random.Random, difficulty: int) -> Tuple[str, str]:
 
 def make_reverse(rng: random.Random, difficulty: int) -> Tuple[str, str]:
     """Return a reverse-the-word instruction and its answer, the letters backwards."""
-    word = _letters(rng, *WORD_LENGTHS[difficulty])
+    lo, hi = WORD_LENGTHS[difficulty]
+    real = _words(lo, hi)
+    word = rng.choice(real) if real and rng.random() < REAL_WORD_RATE else _letters(rng, lo, hi)
     return f"Reverse the word: {word}", word[::-1]
 
 
