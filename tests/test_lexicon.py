@@ -78,3 +78,32 @@ def test_the_shipped_lexicon_is_what_the_builder_makes(tmp_path):
     out = tmp_path / "lexicon.tsv"
     assert build_lexicon.main(["--out", str(out)]) == 0
     assert out.read_text() == lexicon.LEXICON.read_text()
+
+
+def test_premise_arms_differ_only_in_their_start_and_seed():
+    from omegaconf import OmegaConf
+
+    from ldm.tasks.chain import stage_commands
+
+    chain = compose_config(["experiment=premise"])
+    commands = stage_commands(chain)
+    sft = {name: compose_config(args[2:]) for name, args in commands.items() if name.startswith("sft_")}
+    assert sorted(sft) == [f"sft_{arm}{seed}" for arm in "abc" for seed in range(3)]
+
+    def settings(cfg):
+        tree = OmegaConf.to_container(cfg, resolve=True)
+        for key in ("seed", "run_name", "init_from"):
+            tree.pop(key)
+        for key in ("name", "source", "pretrained", "arch", "architecture", "missing_keys_ok"):
+            tree["model"].pop(key)  # where the weights come from: the one thing the arms vary
+        return tree
+
+    reference = settings(sft["sft_a0"])
+    assert all(settings(cfg) == reference for cfg in sft.values())
+    assert {cfg.seed for cfg in sft.values()} == {0, 1, 2}
+    assert sft["sft_b1"].model.name == "minilm_random"
+    assert sft["sft_c2"].init_from.endswith("premise-pretrain") and sft["sft_c2"].model.name == "minilm"
+    # every export is asked the same held-out questions with the same sampler
+    words = [compose_config(a[2:]) for n, a in commands.items() if n.startswith("words_")]
+    assert len(words) == 9 and all(w.dataset.name == "premise_words" for w in words)
+    assert len({OmegaConf.to_yaml(w.sampler) for w in words}) == 1
