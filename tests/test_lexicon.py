@@ -107,3 +107,16 @@ def test_premise_arms_differ_only_in_their_start_and_seed():
     words = [compose_config(a[2:]) for n, a in commands.items() if n.startswith("words_")]
     assert len(words) == 9 and all(w.dataset.name == "premise_words" for w in words)
     assert len({OmegaConf.to_yaml(w.sampler) for w in words}) == 1
+
+
+def test_premise_faq_stage_answers_exactly_the_mixs_heldout_faq_pairs():
+    from ldm.tasks.chain import stage_commands
+
+    commands = stage_commands(compose_config(["experiment=premise"]))
+    faq = compose_config(commands["faq_a0"][2:])
+    mix = faq.dataset
+    words = mix.mix[0].max_documents
+    faq_count = 503  # the construction FAQ's pairs, after the word questions
+    held = [i for i in range(words + faq_count) if split_of(i, mix.split_seed, mix.test_split_pct) == "test"]
+    # the test split keeps index order, so its last rows are the FAQ's held-out pairs
+    assert faq.task.answers_from_end and faq.task.max_examples == sum(i >= words for i in held)
