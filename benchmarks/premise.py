@@ -52,7 +52,10 @@ def read_arm_seed(outputs: Path, run: str) -> Dict[str, object]:
            "mix_nelbo": faq_metrics["answer_nelbo"], "faq_f1": statistics.fmean(r["f1"] for r in faq),
            "faq_n": len(faq), "words_n": len(word_records),
            "faq_f1s": [r["f1"] for r in faq], "correct": [bool(r["correct"]) for r in word_records],
-           "examples": word_records}
+           "examples": word_records,
+           # collapse: an undertrained model answers everything alike (or nothing)
+           "faq_empty": sum(not r["answer"] for r in faq) / max(len(faq), 1),
+           "words_distinct": len({r["answer"] for r in word_records})}
     for t in WORD_TYPES:
         out[f"em_{t}"] = words.get(f"exact_match.{t}", float("nan"))
     return out
@@ -89,6 +92,13 @@ def difference(rows: Dict[str, List[dict]], x: str, y: str, key: str, pooled: st
             f"{', '.join(f'{d:+.3f}' for d in per_seed)})")
 
 
+def seed_difference(rows: Dict[str, List[dict]], x: str, y: str, key: str) -> str:
+    """Return the mean over seeds of x - y (paired by seed) with the per-seed values."""
+    per_seed = [a[key] - b[key] for a, b in zip(rows[x], rows[y])]
+    return (f"{statistics.fmean(per_seed):+.3f} (per seed "
+            f"{', '.join(f'{d:+.3f}' for d in per_seed)})")
+
+
 def table(rows: Dict[str, List[dict]], tokens: Dict[str, float]) -> str:
     """Return the markdown table of every arm's figures (mean ± sd over seeds, then per seed)."""
     cols = ["words_em", *[f"em_{t}" for t in WORD_TYPES], "faq_f1", "words_nelbo", "mix_nelbo"]
@@ -102,10 +112,12 @@ def table(rows: Dict[str, List[dict]], tokens: Dict[str, float]) -> str:
         lines.append(f"| {arm}: {ARMS[arm]} | {len(seeds)} | " + " | ".join(cells)
                      + f" | {tokens.get(arm, float('nan')):,.0f} |")
     lines.append("")
-    lines.append("per seed (word EM / FAQ F1 / word answer NELBO):")
+    lines.append("per seed (word EM / FAQ F1 / word answer NELBO / mix answer NELBO / distinct "
+                 "word answers / empty FAQ answers):")
     for arm, seeds in rows.items():
         lines.append(f"- {arm}: " + "; ".join(
-            f"s{s['seed']} {s['words_em']:.3f} / {s['faq_f1']:.3f} / {s['words_nelbo']:.2f}"
+            f"s{s['seed']} {s['words_em']:.3f} / {s['faq_f1']:.3f} / {s['words_nelbo']:.3f} / "
+            f"{s['mix_nelbo']:.3f} / {s['words_distinct']} of {s['words_n']} / {s['faq_empty']:.0%}"
             for s in seeds))
     return "\n".join(lines)
 
@@ -172,9 +184,11 @@ def main() -> int:
     print(table(rows, tokens))
     print()
     for x, y in (("a", "b"), ("c", "a")):
-        if rows[x] and rows[y] and len(rows[x]) == len(rows[y]):
+        if rows[x] and rows[y] and [r["seed"] for r in rows[x]] == [r["seed"] for r in rows[y]]:
             print(f"{x} - {y}: word EM {difference(rows, x, y, 'words_em', 'correct')}; "
-                  f"FAQ F1 {difference(rows, x, y, 'faq_f1', 'faq_f1s')}")
+                  f"FAQ F1 {difference(rows, x, y, 'faq_f1', 'faq_f1s')}; "
+                  f"word answer NELBO {seed_difference(rows, x, y, 'words_nelbo')}; "
+                  f"mix answer NELBO {seed_difference(rows, x, y, 'mix_nelbo')}")
     if missing:
         print(f"\nnot finished (left out): {', '.join(missing)}")
     if rows["a"] and rows["b"]:
