@@ -184,11 +184,16 @@ def main() -> int:
     print(table(rows, tokens))
     print()
     for x, y in (("a", "b"), ("c", "a")):
-        if rows[x] and rows[y] and [r["seed"] for r in rows[x]] == [r["seed"] for r in rows[y]]:
+        both = {r["seed"] for r in rows[x]} & {r["seed"] for r in rows[y]}
+        pair = {arm: [r for r in rows[arm] if r["seed"] in both] for arm in (x, y)}
+        if both:
+            print(f"seeds {sorted(both)} paired:", end=" ")
+            rows_, rows = rows, {**rows, **pair}
             print(f"{x} - {y}: word EM {difference(rows, x, y, 'words_em', 'correct')}; "
                   f"FAQ F1 {difference(rows, x, y, 'faq_f1', 'faq_f1s')}; "
                   f"word answer NELBO {seed_difference(rows, x, y, 'words_nelbo')}; "
                   f"mix answer NELBO {seed_difference(rows, x, y, 'mix_nelbo')}")
+            rows = rows_
     if missing:
         print(f"\nnot finished (left out): {', '.join(missing)}")
     if rows["a"] and rows["b"]:
