@@ -91,7 +91,7 @@ lexicon: $(CORE_STAMP) wordnet
 	$(BIN)/python -m ldm.data.build_lexicon --wordnet $(WORDNET)
 
 # does the pretrained encoder matter? 3 starts x 3 seeds, SFT'd alike, held-out answers scored
-# (about 40 minutes on 2 CPU cores), then the table and plot of benchmarks/RESULTS.md
+# (about an hour on 2 shared CPU cores), then the table and plot of benchmarks/RESULTS.md
 premise: $(STAMP)
 	$(BIN)/python run.py experiment=premise
 	$(BIN)/python benchmarks/premise.py
