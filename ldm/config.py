@@ -168,6 +168,8 @@ class EvaluateTaskConfig(TaskConfig):
     mc_samples: int = 2  # independent draws (t and mask) per stratum and row
     max_rows: Optional[int] = None  # held-out rows in the NELBO; null = the whole test split
     max_examples: int = 64  # chat data: held-out prompts answered with the sampler; 0 = none
+    # answer the last max_examples held-out prompts instead of the first (a mix's last source)
+    answers_from_end: bool = False
     batch_size: int = 8  # rows per NELBO batch and prompts per sampler batch
     device: str = "auto"  # auto | cpu | cuda
 

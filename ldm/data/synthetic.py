@@ -14,6 +14,10 @@ answers under 30. Difficulty is an integer in 1..MAX_DIFFICULTY and sets the siz
   add      Add 47 and 385.                  432          one operand d + 1 digits, the other
                                                          1..d + 1 digits (order random)
 
+Word tasks (antonym, plural, category, synonym; ldm/data/lexicon.py) ask about real English words
+from a WordNet-derived file: example k of a type is that type's question k (difficulty is ignored),
+and no word is in two questions, so held-out questions ask about words no training example has.
+
 Copy draws its words from WORDS (~120 real words, a phrase of distinct words); count draws
 made-up words (random lowercase letters); reverse draws a real word of the right length from WORDS
 in REAL_WORD_RATE of its prompts and a made-up word in the rest. From the small word list a
@@ -165,11 +169,19 @@ def check_list(answer_text: str, reference: str) -> bool:
 
 @dataclass(frozen=True)
 class Task:
-    """A task type: its name, its generator and its checker."""
+    """A task type: its name, its generator and its checker (`lexical`: make takes the ordinal)."""
 
     name: str
     make: Maker
     check: Checker
+    lexical: bool = False
+
+
+def _lexical(kind: str) -> Task:
+    from ldm.data import lexicon
+
+    return Task(kind, lambda ordinal, _difficulty: lexicon.question(kind, ordinal), check_exact,
+                lexical=True)
 
 
 TASKS: Dict[str, Task] = {t.name: t for t in (
@@ -179,8 +191,11 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
     Task("add", make_add, check_exact),
     Task("count", make_count, check_exact),
     Task("max", make_max, check_exact),
+    *(_lexical(kind) for kind in ("antonym", "plural", "category", "synonym")),
 )}
-TASK_TYPES: Tuple[str, ...] = tuple(TASKS)
+# the generated types (the default: None); the word types are asked for by name
+TASK_TYPES: Tuple[str, ...] = tuple(n for n, t in TASKS.items() if not t.lexical)
+LEXICAL_TYPES: Tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.lexical)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -194,7 +209,7 @@ def validate_task_types(task_types: TaskTypes) -> Tuple[str, ...]:
     if task_types is None:
         return TASK_TYPES
     names = (task_types,) if isinstance(task_types, str) else tuple(task_types)
-    accepted = ", ".join(TASK_TYPES)
+    accepted = ", ".join(TASKS)
     if not names:
         raise ConfigError(f"task_types is empty; name at least one of: {accepted} "
                           "(or None for all)")
@@ -223,7 +238,7 @@ def _examples(num_examples: int, seed: int, task_types, difficulty: int) -> Iter
         task = TASKS[names[i % len(names)]]
         # a str seed is hashed with sha512: stable across processes and Python versions
         rng = random.Random(f"synthetic:{seed}:{i}:{task.name}:{difficulty}")
-        instruction, answer = task.make(rng, difficulty)
+        instruction, answer = task.make(i // len(names) if task.lexical else rng, difficulty)
         yield {
             "messages": [{"role": "user", "content": instruction},
                          {"role": "assistant", "content": answer}],
@@ -249,7 +264,7 @@ def conversations(num_examples: int, seed: int, task_types: TaskTypes = None,
 def check(task: str, answer_text: str, reference: str) -> bool:
     """Return whether `answer_text` is a correct answer for a `task` example with `reference`."""
     if task not in TASKS:
-        raise ConfigError(f"unknown synthetic task type {task!r}; known: {', '.join(TASK_TYPES)}")
+        raise ConfigError(f"unknown synthetic task type {task!r}; known: {', '.join(TASKS)}")
     return TASKS[task].check(answer_text, reference)
 
 
@@ -258,6 +273,11 @@ def describe(num_examples: int, seed: int, task_types: TaskTypes = None,
     """Return what identifies a generated data set, for the prepared data's fingerprint."""
     names = validate_task_types(task_types)
     _validate(num_examples, difficulty)
-    return {"source": "synthetic", "generator_version": GENERATOR_VERSION,
+    desc = {"source": "synthetic", "generator_version": GENERATOR_VERSION,
             "num_examples": num_examples, "seed": seed, "task_types": list(names),
             "difficulty": difficulty}
+    if any(TASKS[n].lexical for n in names):  # only then, so other data keeps its fingerprint
+        from ldm.data import lexicon
+
+        desc["lexicon"] = lexicon.identity()
+    return desc

@@ -11,7 +11,7 @@ from the start of the split, `task.t_grid` fixed t values, `task.mc_samples` see
 and the masked-token accuracy by t bucket. On chat data, the first `task.max_examples` held-out
 prompts are answered with the configured sampler and scored: exact match with the synthetic
 checker for dataset=synthetic_tasks (overall and per task type), SQuAD token F1 against the
-reference answer otherwise. Per-example results go to <run dir>/eval/results.jsonl and mlflow.
+reference answer otherwise (`task.answers_from_end=true`: the last ones). Per-example results go to <run dir>/eval/results.jsonl and mlflow.
 
 The metric returned (tag `ldm.headline_metric`): exact_match (higher is better) on synthetic
 tasks, f1 (higher is better) on other chat data, nelbo (lower is better) on text data and on
@@ -169,7 +169,8 @@ def run(cfg: DictConfig) -> float:
     synthetic_data = kind == "chat" and cfg.dataset.source == "synthetic"
     if kind == "chat" and cfg.task.max_examples > 0:
         jobs = answer_jobs(tok, test, cfg.task.max_examples, synthetic_data=synthetic_data,
-                           manifest=manifest, data_dir=data_dir, command=command)
+                           manifest=manifest, data_dir=data_dir, command=command,
+                           from_end=cfg.task.answers_from_end)
         longest = max((len(j["prompt_ids"]) for j in jobs), default=0)
         settings.check_prompt(longest, "the longest held-out prompt")
     if kind == "text":
