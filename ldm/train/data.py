@@ -172,6 +172,7 @@ def chat_collate(pad_id: int, eos_id: Optional[int] = None, multiple: int = 1,
                 # the answer proper: maskable tokens before the row's EOS padding
                 before = np.arange(ids.shape[1])[None, :] < np.asarray(rows["length"])[:, None]
                 out["answer"] = torch.as_tensor(maskable & before, device=device)
+                out["answer_tokens"] = int((maskable & before).sum())  # counted on the host
             return out
         lengths = np.array([len(r) for r in ids], dtype=np.int64)
         widths = lengths
@@ -196,7 +197,8 @@ def chat_collate(pad_id: int, eos_id: Optional[int] = None, multiple: int = 1,
         return {"input_ids": torch.as_tensor(batch, device=device),
                 "maskable": torch.as_tensor(maskable, device=device),
                 "attention_mask": None if full else torch.as_tensor(attention, device=device),
-                "answer": torch.as_tensor(answer, device=device)}
+                "answer": torch.as_tensor(answer, device=device),
+                "answer_tokens": int(answer.sum())}  # counted on the host: no device sync
     return collate
 
 

@@ -268,8 +268,8 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 step_masked += stats["masked_fraction"] / cfg.accumulation
                 mask = batch["attention_mask"]
                 tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                if "answer" in batch:  # chat rows: the answer tokens proper (no EOS padding)
-                    answer_tokens += int(batch["answer"].sum())
+                # chat rows: the answer tokens proper (no EOS padding), counted by the collate
+                answer_tokens += batch.get("answer_tokens", 0)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             # one all-reduce per optimizer step for the figures: means of loss and masked
             # fraction, and the tokens of every process (SFT rows differ in length)
