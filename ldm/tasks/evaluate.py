@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Dict, List
 
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError, DataError
+from ldm.files import atomic_write_text
 from ldm.sampling.cache import check_cache_family
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
@@ -91,15 +91,6 @@ def plain_model_keys_ok(cfg: DictConfig, export) -> List[str]:
     it is initialised (seeded), so its NELBO is the starting point training improves on.
     """
     return [] if export.info or export.from_ldm else list(cfg.model.missing_keys_ok)
-
-
-def write_atomically(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling, so no reader sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def print_summary(metrics: Dict[str, float], headline: str, lower_better: bool) -> None:
@@ -214,10 +205,10 @@ def run(cfg: DictConfig) -> float:
             records = answer_all(model, tok, jobs, settings, mask_id=mask_id,
                                  batch_size=cfg.task.batch_size, seed=cfg.seed, device=device)
             metrics.update(answer_metrics(records))
-            path = write_atomically(folder / RESULTS,
-                                    "".join(json.dumps(r) + "\n" for r in records))
+            path = atomic_write_text(folder / RESULTS,
+                                     "".join(json.dumps(r) + "\n" for r in records))
             tracker.log_artifact(path, "eval")
-        metrics_path = write_atomically(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
+        metrics_path = atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(metrics_path, "eval")
     print(f"checkpoint {export.where}, held-out data {data_dir}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.files import atomic_write_text
 from ldm.masking import normalizer_for
 from ldm.train.loop import LoopConfig
 
@@ -151,9 +151,7 @@ def previous_mlflow_run(run_dir: Path) -> Optional[str]:
 def remember_mlflow_run(run_dir: Path, run_id: Optional[str]) -> None:
     """Store the run's mlflow id next to its checkpoints (for resumption)."""
     if run_id:
-        tmp = run_dir / f".{MLFLOW_RUN_FILE}.{os.getpid()}"
-        tmp.write_text(run_id)
-        tmp.replace(run_dir / MLFLOW_RUN_FILE)
+        atomic_write_text(run_dir / MLFLOW_RUN_FILE, run_id)
 
 
 def check_masking(masking: DictConfig) -> None:
