@@ -152,7 +152,7 @@ def data_args(model: str, padding: str, jsonl: Path, outputs: Path, context: str
 
 def initial_weights(model: str, jsonl: Path, outputs: Path, context: str, seed: int) -> Path:
     """Save the weights ldm's SFT starts from (seeded build_model) for dLLM's side to load."""
-    from ldm.tasks.prepare import prepared_data_dir
+    from ldm.tasks.prepared import prepared_data_dir
     from ldm.tasks.train_common import build_model
     from ldm.tokenizer import load_tokenizer
     from ldm.train.loop import seed_everything
@@ -298,7 +298,7 @@ def main() -> None:
                 logs / f"prepare-{model}-{padding}.log")
         cfg = compose(["task=sft", *data_args(model, "batch", jsonl, outputs, args.context)])
         from ldm.data.store import read_manifest
-        from ldm.tasks.prepare import prepared_data_dir
+        from ldm.tasks.prepared import prepared_data_dir
 
         batch_dir = prepared_data_dir(cfg)
         manifest = read_manifest(batch_dir)

@@ -58,31 +58,6 @@ def validate(cfg: DictConfig) -> SamplerSettings:
     return SamplerSettings.from_config(cfg.sampler)
 
 
-def check_data_vocabulary(ckpt_tok, data_tok, checkpoint: str, data_dir: Path,
-                          command: str) -> None:
-    """Raise DataError unless every token of the data's tokenizer has the same id in the model's.
-
-    This direction, because the checkpoint may know more tokens than the data uses (an SFT export
-    has the chat tokens; text data prepared before them has not), never fewer: a data id the
-    model reads as another token, or not at all, makes every number meaningless.
-    """
-    from ldm.tokenizer import CHAT_TOKENS
-
-    model_vocab = ckpt_tok.get_vocab()
-    wrong = [t for t, i in data_tok.get_vocab().items() if model_vocab.get(t) != i]
-    if not wrong:
-        return
-    absent = [t for t in CHAT_TOKENS if t in data_tok.get_vocab() and t not in model_vocab]
-    if absent:
-        raise DataError(f"checkpoint={checkpoint} has no chat tokens ({', '.join(absent)}) but "
-                        f"the chat data at {data_dir} uses them: a pretraining export? evaluate an "
-                        "SFT export on chat data, or this one on a text dataset")
-    raise DataError(f"the data at {data_dir} was tokenized with a tokenizer that checkpoint="
-                    f"{checkpoint} does not share: {len(wrong)} of its tokens have another id or "
-                    f"none in the checkpoint's tokenizer, e.g. {wrong[0]!r}; prepare the data "
-                    f"with the checkpoint's tokenizer: `{command} task.force=true`")
-
-
 def plain_model_keys_ok(cfg: DictConfig, export) -> List[str]:
     """Return the key patterns that may be missing: model.missing_keys_ok for a plain model.
 
@@ -115,10 +90,9 @@ def run(cfg: DictConfig) -> float:
 
     from ldm.data.store import load_prepared
     from ldm.evaluate import answer_all, answer_jobs, answer_metrics, fixed_batches, heldout_nelbo
-    from ldm.data.store import read_manifest
     from ldm.tasks.common import open_tracker, pick_device, run_dir
-    from ldm.tasks.prepare import (check_prepared_sources, log_data_identity,
-                                   missing_data_message, prepare_command, prepared_data_dir)
+    from ldm.tasks.prepared import (check_data_vocabulary, find_prepared, log_data_identity,
+                                    prepare_command)
     from ldm.tokenizer import load_tokenizer
     from ldm.train.data import collate_for_rows, packed_collate
 
@@ -128,15 +102,9 @@ def run(cfg: DictConfig) -> float:
     settings = settings.with_max_positions(export.max_positions)
     check_cache_family(settings.cache, export.config.get("model_type"))
     kind = cfg.dataset.kind
-    data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")
-    if read_manifest(data_dir) is None:
-        raise DataError(missing_data_message(cfg, data_dir, command))
+    data_dir, _ = find_prepared(cfg, kind, command)
     splits, manifest = load_prepared(data_dir, command)
-    if manifest.get("kind", "text") != kind or manifest.get("context_length") != cfg.context.length:
-        raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
-                        f"re-run `{command} task.force=true`")
-    check_prepared_sources(cfg, data_dir, manifest, command)
     if kind == "chat" and cfg.task.max_examples > 0:
         from ldm.data.sft import canvas_mismatch
 
