@@ -171,7 +171,8 @@ def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, thread
     """Train with run.py; return per-step figures read back from the run's mlflow history."""
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     args = [sys.executable, "run.py", "task=sft", *data_args(model, padding, jsonl, outputs, context),
             *common, f"task.max_steps={steps}", f"run_name={name}", f"hardware.threads={threads}",

@@ -116,7 +116,8 @@ def test_synthetic_chat_data_of_other_settings_is_refused_before_training(tmp_pa
 def test_mlflow_records_fingerprint_sources_and_a_dataset_input(two_corpora):
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     outputs, austen, _ = two_corpora
     cfg = text_config(outputs, f"{austen}/*.txt", "tracking=mlflow_local")

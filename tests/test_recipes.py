@@ -174,7 +174,8 @@ def test_text_mixture_accepts_only_text_sources():
 
 
 def test_chat_mixture_prepares_with_realised_shares_in_manifest_and_mlflow(tmp_path, offline):
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     hub_like = parquet_folder(tmp_path / "tulu", TULU_LIKE * 20)  # 600 rows
     share = jsonl_file(tmp_path / "share.jsonl", SHAREGPT_LIKE * 30)  # 600 rows
