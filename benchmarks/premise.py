@@ -64,10 +64,11 @@ def read_arm_seed(outputs: Path, run: str) -> Dict[str, object]:
 def sft_runs(outputs: Path, names: List[str]) -> Dict[str, object]:
     """Return run name -> the newest finished mlflow SFT run of that name (absent: left out)."""
     from ldm import tracking
+    from ldm.runs import find_runs
 
     uri = tracking.local_store_uri(outputs)
     found = {}
-    for run in tracking.find_runs(uri, "sft"):
+    for run in find_runs(uri, "sft"):
         name = run.data.tags.get("mlflow.runName")
         if name in names and name not in found and run.info.status == "FINISHED":
             found[name] = run
@@ -170,6 +171,7 @@ def main() -> int:
     curves: Dict[str, List[List[tuple]]] = {arm: [] for arm in ARMS}
     if not args.no_mlflow:
         from ldm import tracking
+        from ldm.runs import metric_history
 
         names = [s["run"] for arm in ARMS for s in rows[arm]]
         found = sft_runs(args.outputs, names)
@@ -180,7 +182,7 @@ def main() -> int:
                 if run is None:
                     continue
                 tokens[arm] = run.data.metrics.get("tokens_seen", float("nan"))
-                curves[arm].append(tracking.metric_history(uri, run.info.run_id, CURVE))
+                curves[arm].append(metric_history(uri, run.info.run_id, CURVE))
     print(table(rows, tokens))
     print()
     for x, y in (("a", "b"), ("c", "a")):

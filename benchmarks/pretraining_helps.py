@@ -42,7 +42,8 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     common = ["dataset=shakespeare", "context=ctx128"]
     run(["task=prepare", "model=minilm", *common], outputs)

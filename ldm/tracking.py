@@ -361,22 +361,3 @@ class Tracker:
             self.finish(status)
         except Exception as err:  # noqa: BLE001 - never hide the original error
             log.warning("could not close the mlflow run: %s", err)
-
-
-def find_runs(uri: str, experiment: str) -> list:
-    """Return the runs of one experiment (newest first); for summaries and tests."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-
-
-def metric_history(uri: str, run_id: str, key: str) -> List[Tuple[int, float]]:
-    """Return (step, value) of one metric of a run, by step; for summaries and plots."""
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in history)

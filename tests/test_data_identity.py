@@ -21,9 +21,10 @@ def text_config(outputs: Path, pattern: str, *extra: str):
 
 def prepare(cfg):
     from ldm.tasks import prepare as task
+    from ldm.tasks.prepared import prepared_data_dir
 
     task.run(cfg)
-    return task.prepared_data_dir(cfg)
+    return prepared_data_dir(cfg)
 
 
 def train_config(outputs: Path, pattern: str, *extra: str):
@@ -86,7 +87,7 @@ def test_a_directory_in_dataset_paths_is_named_as_a_folder_not_as_missing(two_co
 
 
 def test_evaluate_refuses_sources_that_differ_from_the_prepared_ones(two_corpora):
-    from ldm.tasks.prepare import check_prepared_sources, prepared_data_dir
+    from ldm.tasks.prepared import check_prepared_sources, prepared_data_dir
     from ldm.data.store import read_manifest
 
     outputs, austen, other = two_corpora
@@ -115,7 +116,8 @@ def test_synthetic_chat_data_of_other_settings_is_refused_before_training(tmp_pa
 def test_mlflow_records_fingerprint_sources_and_a_dataset_input(two_corpora):
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     outputs, austen, _ = two_corpora
     cfg = text_config(outputs, f"{austen}/*.txt", "tracking=mlflow_local")

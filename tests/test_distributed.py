@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, prepare_tiny_text, run_cli
-from ldm.tracking import find_runs, local_store_uri
+from ldm.runs import find_runs
+from ldm.tracking import local_store_uri
 from ldm.train.data import BatchPlan
 
 TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=32",

@@ -159,7 +159,8 @@ def test_a_target_on_data_without_exact_answers_is_refused(tmp_path):
 def test_sft_checks_its_target_on_held_out_answers_and_logs_versions_and_machine(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     proc = run_cli(["task=prepare", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from conftest import compose_config, local_text_dir, run_cli, write_corpus
 from ldm.errors import ConfigError, DataError
 from ldm.evaluate import answer_metrics, token_f1
-from ldm.tracking import find_runs, local_store_uri
+from ldm.runs import find_runs
+from ldm.tracking import local_store_uri
 
 TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=48",
         "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=2",

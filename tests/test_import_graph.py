@@ -100,3 +100,22 @@ def test_only_the_tracking_modules_import_mlflow_and_only_train_imports_accelera
             assert name in ("ldm.tracking", "ldm.runs"), f"{name} imports mlflow"
         if "import accelerate" in text or "from accelerate" in text:
             assert name.startswith("ldm.train"), f"{name} imports accelerate"
+
+
+def task_modules() -> Set[str]:
+    """Return the modules of the tasks `ldm.tasks.TASKS` names (read from its source)."""
+    tree = ast.parse((LDM / "tasks" / "__init__.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TASKS" for t in node.targets):
+            return {f"ldm.tasks.{name}" for name in ast.literal_eval(node.value)}
+    raise AssertionError("ldm/tasks/__init__.py defines no TASKS")
+
+
+def test_no_module_of_ldm_tasks_imports_a_task_module():
+    # what tasks share lives in modules of their own (common, prepared, checkpoints, ...)
+    tasks = task_modules()
+    assert {"ldm.tasks.prepare", "ldm.tasks.evaluate", "ldm.tasks.chain"} <= tasks
+    for module, deps in import_graph().items():
+        if module.startswith("ldm.tasks"):
+            wrong = sorted((deps & tasks) - {module})
+            assert not wrong, f"{module} imports the task module(s) {', '.join(wrong)}"

@@ -32,7 +32,8 @@ def prepared(tmp_path_factory):
 
 
 def nothing_written(outputs: Path, task: str) -> None:
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     assert not (outputs / "runs" / task).exists()
     assert not (outputs / "models").exists()

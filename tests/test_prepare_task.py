@@ -10,7 +10,8 @@ import pytest
 
 from conftest import local_text_dir, run_cli, write_corpus
 from ldm.data.sources import shakespeare_files
-from ldm.tracking import find_runs, local_store_uri
+from ldm.runs import find_runs
+from ldm.tracking import local_store_uri
 
 BASE = ["task=prepare", "model=minilm", "context=ctx128", "dataset=local_text"]
 

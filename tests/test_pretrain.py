@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, prepare_tiny_text, run_cli
-from ldm.tracking import find_runs, local_store_uri
+from ldm.runs import find_runs
+from ldm.tracking import local_store_uri
 
 TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=32",
         "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=2",

@@ -12,8 +12,9 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import run_cli
+from ldm.runs import find_runs
 from ldm.tasks import chain
-from ldm.tracking import find_runs, local_store_uri
+from ldm.tracking import local_store_uri
 
 STAGES = ("prepare_text", "nelbo_before", "pretrain", "nelbo_after", "prepare_tasks", "sft",
           "answers_fast", "answers_llada")

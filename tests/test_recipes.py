@@ -174,7 +174,8 @@ def test_text_mixture_accepts_only_text_sources():
 
 
 def test_chat_mixture_prepares_with_realised_shares_in_manifest_and_mlflow(tmp_path, offline):
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     hub_like = parquet_folder(tmp_path / "tulu", TULU_LIKE * 20)  # 600 rows
     share = jsonl_file(tmp_path / "share.jsonl", SHAREGPT_LIKE * 30)  # 600 rows
@@ -195,7 +196,7 @@ def test_chat_mixture_prepares_with_realised_shares_in_manifest_and_mlflow(tmp_p
     assert [m["weight"] for m in manifest["source"]["mixture"]] == [2.0, 1.0, 1.0]
     assert "realised" in proc.stdout
     from ldm.data.identity import differences
-    from ldm.tasks.prepare import source_description
+    from ldm.tasks.prepared import source_description
 
     named = source_description(compose_config(["dataset=mixture_chat", mix]))
     assert differences(named, manifest["source"]) is None  # a later run names the same sources
@@ -209,6 +210,7 @@ def test_chat_mixture_prepares_with_realised_shares_in_manifest_and_mlflow(tmp_p
 def test_text_mixture_prepares_documents_by_weight(tmp_path, make_config):
     from conftest import write_corpus
     from ldm.tasks import prepare
+    from ldm.tasks.prepared import prepared_data_dir
 
     small = write_corpus(tmp_path / "a", n_docs=30, words=60, seed=1)
     large = write_corpus(tmp_path / "b", n_docs=30, words=60, seed=2)
@@ -217,7 +219,7 @@ def test_text_mixture_prepares_documents_by_weight(tmp_path, make_config):
                       f"dataset.mixture=[{{source: local, paths: ['{small}/*.txt'], weight: 1}}, "
                       f"{{source: local, paths: ['{large}/*.txt'], weight: 3}}]")
     prepare.run(cfg)
-    manifest = json.loads((prepare.prepared_data_dir(cfg) / "manifest.json").read_text())
+    manifest = json.loads((prepared_data_dir(cfg) / "manifest.json").read_text())
     real = manifest["mixture"]
     assert real["examples"] == 60 == sum(manifest["splits"][s]["documents"] for s in ("train", "test"))
     assert [st["examples"] for st in real["sources"].values()] == [30, 30]  # all_used: each once

@@ -80,7 +80,8 @@ def wait_for(predicate, timeout=120.0, what=""):
 @pytest.mark.slow
 def test_sigint_stops_an_answer_then_leaves_at_the_prompt_and_the_mlflow_run_finishes(
         chat_export, tmp_path):
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     outputs, pauses = tmp_path / "outputs", tmp_path / "pauses"
     pauses.mkdir()

@@ -88,7 +88,8 @@ def test_cli_sample_writes_samples_jsonl_and_logs_metrics_samples_and_gif_to_mlf
         exports, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     outputs = tmp_path / "outputs"
     proc = run_cli(["task=sample", f"checkpoint={exports[0]}", "prompt='Who spoke to the queen?'",

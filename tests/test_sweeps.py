@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose_config, run_cli, write_corpus
-from ldm.tracking import Tracker, find_runs, local_store_uri
+from ldm.runs import find_runs
+from ldm.tracking import Tracker, local_store_uri
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
 TINY = ["model=modernbert_tiny", "model.vocab_size=320", "model.arch.hidden_size=32",

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.sampling.settings import CACHE_MODES
 
-CACHE_MODES = ("none", "prefix", "dual")
 CACHE_FAMILIES = ("bert", "modernbert")
 
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ldm.files import atomic_path
 from ldm.sampling.sampler import SamplerStep
 
 MASK_GLYPH = "░"
@@ -255,11 +256,9 @@ class GifRecorder:
             full.paste(frame, (0, 0))
             frames.append(full)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
         durations = [self.frame_ms] * (len(frames) - 1) + [self.last_frame_ms]
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                       duration=durations, loop=0)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                           duration=durations, loop=0)
         return path
 

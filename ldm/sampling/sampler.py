@@ -17,7 +17,13 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 
 from ldm.errors import ConfigError
-from ldm.sampling.cache import BlockCache, block_logits, check_cache_family, flops_estimate
+from ldm.sampling.cache import (
+    BlockCache,
+    block_logits,
+    check_cache_family,
+    flops_estimate,
+    true_positions,
+)
 from ldm.sampling.decode import (
     banned_token_mask,
     confidence,
@@ -75,7 +81,7 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
         if takes_positions:
             # Count positions from each row's first real token: otherwise left padding would
             # shift every absolute position, and an answer would depend on its batch-mates.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = true_positions(attention_mask)
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
     # The sampler reads the model behind the function to run the vocabulary head on the current

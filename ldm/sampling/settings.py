@@ -15,7 +15,7 @@ from ldm.errors import ConfigError
 from ldm.sampling.decode import REMASKING
 
 RULES = ("commit", "original", "entropy_bound")
-CACHE_MODES = ("none", "prefix", "dual")  # = ldm.sampling.cache.CACHE_MODES
+CACHE_MODES = ("none", "prefix", "dual")  # the sampler's key/value cache modes (ldm.sampling.cache)
 
 
 @dataclass(frozen=True)

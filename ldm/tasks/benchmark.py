@@ -108,8 +108,7 @@ def build_offline_suite(cfg: DictConfig, ckpt, tok, folder: Path) -> Path:
     from ldm.benchmark.suites import (TEXT_TASKS, build_synthetic_items, build_text_items,
                                       write_suite)
     from ldm.data.store import load_prepared
-    from ldm.tasks.evaluate import check_data_vocabulary
-    from ldm.tasks.prepare import prepare_command, prepared_data_dir
+    from ldm.tasks.prepared import check_data_vocabulary, prepare_command, prepared_data_dir
     from ldm.tokenizer import load_tokenizer
 
     b = cfg.benchmark

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.files import atomic_write_text
 from ldm.tasks.chain_summary import print_summary, value_of
 
 
@@ -138,9 +139,7 @@ def write_record(record: Path, args: List[str], outputs: Path,
         content = {"args": args, "status": "finished", "seconds": round(seconds, 1),
                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "outputs": output_stamps(outputs, args)}
-    tmp = record.with_name(f".{record.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(record)
+    atomic_write_text(record, json.dumps(content, indent=2) + "\n")
 
 
 def fresh_start(previous: Optional[dict], args: List[str], reuse: bool) -> List[str]:

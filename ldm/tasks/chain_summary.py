@@ -90,7 +90,7 @@ def train_figures(cfg: DictConfig, args: List[str]) -> Dict[str, float]:
     if cfg.tracking.backend != "mlflow":
         return {}
     from ldm.tasks.common import tracking_target
-    from ldm.tracking import find_runs
+    from ldm.runs import find_runs
 
     runs = [r for r in find_runs(tracking_target(cfg)[0], value_of(args, "task"))
             if r.info.run_name == value_of(args, "run_name")]

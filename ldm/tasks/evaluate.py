@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Dict, List
 
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError, DataError
+from ldm.files import atomic_write_text
 from ldm.sampling.cache import check_cache_family
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
@@ -58,31 +58,6 @@ def validate(cfg: DictConfig) -> SamplerSettings:
     return SamplerSettings.from_config(cfg.sampler)
 
 
-def check_data_vocabulary(ckpt_tok, data_tok, checkpoint: str, data_dir: Path,
-                          command: str) -> None:
-    """Raise DataError unless every token of the data's tokenizer has the same id in the model's.
-
-    This direction, because the checkpoint may know more tokens than the data uses (an SFT export
-    has the chat tokens; text data prepared before them has not), never fewer: a data id the
-    model reads as another token, or not at all, makes every number meaningless.
-    """
-    from ldm.tokenizer import CHAT_TOKENS
-
-    model_vocab = ckpt_tok.get_vocab()
-    wrong = [t for t, i in data_tok.get_vocab().items() if model_vocab.get(t) != i]
-    if not wrong:
-        return
-    absent = [t for t in CHAT_TOKENS if t in data_tok.get_vocab() and t not in model_vocab]
-    if absent:
-        raise DataError(f"checkpoint={checkpoint} has no chat tokens ({', '.join(absent)}) but "
-                        f"the chat data at {data_dir} uses them: a pretraining export? evaluate an "
-                        "SFT export on chat data, or this one on a text dataset")
-    raise DataError(f"the data at {data_dir} was tokenized with a tokenizer that checkpoint="
-                    f"{checkpoint} does not share: {len(wrong)} of its tokens have another id or "
-                    f"none in the checkpoint's tokenizer, e.g. {wrong[0]!r}; prepare the data "
-                    f"with the checkpoint's tokenizer: `{command} task.force=true`")
-
-
 def plain_model_keys_ok(cfg: DictConfig, export) -> List[str]:
     """Return the key patterns that may be missing: model.missing_keys_ok for a plain model.
 
@@ -91,15 +66,6 @@ def plain_model_keys_ok(cfg: DictConfig, export) -> List[str]:
     it is initialised (seeded), so its NELBO is the starting point training improves on.
     """
     return [] if export.info or export.from_ldm else list(cfg.model.missing_keys_ok)
-
-
-def write_atomically(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling, so no reader sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def print_summary(metrics: Dict[str, float], headline: str, lower_better: bool) -> None:
@@ -124,10 +90,9 @@ def run(cfg: DictConfig) -> float:
 
     from ldm.data.store import load_prepared
     from ldm.evaluate import answer_all, answer_jobs, answer_metrics, fixed_batches, heldout_nelbo
-    from ldm.data.store import read_manifest
     from ldm.tasks.common import open_tracker, pick_device, run_dir
-    from ldm.tasks.prepare import (check_prepared_sources, log_data_identity,
-                                   missing_data_message, prepare_command, prepared_data_dir)
+    from ldm.tasks.prepared import (check_data_vocabulary, find_prepared, log_data_identity,
+                                    prepare_command)
     from ldm.tokenizer import load_tokenizer
     from ldm.train.data import collate_for_rows, packed_collate
 
@@ -137,15 +102,9 @@ def run(cfg: DictConfig) -> float:
     settings = settings.with_max_positions(export.max_positions)
     check_cache_family(settings.cache, export.config.get("model_type"))
     kind = cfg.dataset.kind
-    data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.checkpoint}" if kind == "chat" else "")
-    if read_manifest(data_dir) is None:
-        raise DataError(missing_data_message(cfg, data_dir, command))
+    data_dir, _ = find_prepared(cfg, kind, command)
     splits, manifest = load_prepared(data_dir, command)
-    if manifest.get("kind", "text") != kind or manifest.get("context_length") != cfg.context.length:
-        raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
-                        f"re-run `{command} task.force=true`")
-    check_prepared_sources(cfg, data_dir, manifest, command)
     if kind == "chat" and cfg.task.max_examples > 0:
         from ldm.data.sft import canvas_mismatch
 
@@ -214,10 +173,10 @@ def run(cfg: DictConfig) -> float:
             records = answer_all(model, tok, jobs, settings, mask_id=mask_id,
                                  batch_size=cfg.task.batch_size, seed=cfg.seed, device=device)
             metrics.update(answer_metrics(records))
-            path = write_atomically(folder / RESULTS,
-                                    "".join(json.dumps(r) + "\n" for r in records))
+            path = atomic_write_text(folder / RESULTS,
+                                     "".join(json.dumps(r) + "\n" for r in records))
             tracker.log_artifact(path, "eval")
-        metrics_path = write_atomically(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
+        metrics_path = atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(metrics_path, "eval")
     print(f"checkpoint {export.where}, held-out data {data_dir}")

@@ -14,56 +14,14 @@ from ldm.data.sft import PADDINGS, check_answer_positions
 from ldm.data.pretrain import build_pretraining_data
 from ldm.errors import ConfigError
 from ldm.tasks.common import open_tracker
-from ldm.tasks import prepared
-from ldm.tasks.prepared import log_data_identity, prepare_command  # noqa: F401 (used by stages)
+from ldm.tasks.prepared import (chat_components, is_mixture, log_data_identity, mixture_parts,
+                                prepared_data_dir)
 from ldm.tokenizer import TRAIN_BPE, load_tokenizer
 
 log = logging.getLogger("ldm")
 
 MIN_CONTEXT = 16
 UNKNOWN_WARN_FRACTION = 0.001  # warn when more than 0.1% of the tokens are [UNK]
-
-
-def source_description(cfg: DictConfig) -> dict:
-    """Return what this config's data set names (files with size and mtime, packages, settings).
-
-    Cheap: no document is read and nothing is downloaded. The prepared manifest records the
-    full description; `ldm.data.identity.differences` compares the two.
-    """
-    ds = cfg.dataset
-    if is_mixture(ds):
-        return mixture.describe_named(mixture_parts(ds), ds.kind, ds.split_seed, ds.mixture_stop)
-    if ds.kind != "chat":
-        return sources.describe_text_source(
-            ds.source, hub=OmegaConf.to_container(ds.hub, resolve=True), paths=list(ds.paths),
-            text_field=ds.text_field, txt_unit=ds.txt_unit)
-    from ldm.data.chat_sources import describe_chat_source
-
-    parts = []
-    for part in chat_components(ds):
-        if part["source"] == "synthetic":
-            from ldm.data import synthetic
-
-            parts.append(synthetic.describe(part["max_documents"], ds.split_seed,
-                                            part["task_types"] or None, part["difficulty"]))
-        else:
-            parts.append(describe_chat_source(part["source"], hub=part["hub"], paths=part["paths"]))
-    return parts[0] if len(parts) == 1 else {"mix": parts}
-
-
-def prepared_data_dir(cfg: DictConfig) -> Path:
-    """Return where this config's prepared data lives (used by the later stages too)."""
-    return prepared.data_dir_for(cfg, source_description(cfg))
-
-
-def check_prepared_sources(cfg: DictConfig, folder: Path, manifest: dict, command: str) -> None:
-    """Raise DataError when the sources this config names differ from those `folder` was made from."""
-    prepared.check_sources(folder, manifest, source_description(cfg), command)
-
-
-def missing_data_message(cfg: DictConfig, folder: Path, command: str) -> str:
-    """Return the error for absent prepared data, naming data of this set from other sources."""
-    return prepared.missing_data_message(cfg, folder, command, source_description(cfg))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -101,17 +59,6 @@ def validate(cfg: DictConfig) -> None:
                                      list(ds.paths), ds.streaming)
 
 
-def is_mixture(ds: DictConfig) -> bool:
-    """True when the data set is a weighted mixture (`dataset.mixture` set or source: mixture)."""
-    return bool(ds.mixture) or ds.source == "mixture"
-
-
-def mixture_parts(ds: DictConfig) -> list:
-    """Return the components of `dataset.mixture` as complete, checked dicts."""
-    return mixture.components(OmegaConf.to_container(ds.mixture, resolve=True), ds.kind,
-                              ds.mixture_stop, ds.skip_bad_records)
-
-
 def validate_chat(cfg: DictConfig) -> None:
     """Check the options of a chat dataset before any heavy work."""
     ds = cfg.dataset
@@ -133,29 +80,6 @@ def validate_chat(cfg: DictConfig) -> None:
         from ldm.data.chat_sources import validate_chat_source
 
         validate_chat_source(part["source"], part["hub"], part["paths"], ds.streaming)
-
-
-CHAT_PART_KEYS = ("source", "paths", "hub", "max_documents", "task_types", "difficulty",
-                  "skip_bad_records")
-
-
-def chat_components(ds: DictConfig) -> list:
-    """Return the chat sources of a dataset as plain dicts: itself, or its `mix` components."""
-    base = OmegaConf.to_container(ds, resolve=True)
-    if ds.source != "mix":
-        return [{k: base[k] for k in CHAT_PART_KEYS}]
-    if not base["mix"]:
-        raise ConfigError(f"dataset={ds.name} has source 'mix' but an empty dataset.mix list")
-    parts = []
-    for i, part in enumerate(base["mix"]):
-        unknown = set(part) - set(CHAT_PART_KEYS)
-        if unknown or "source" not in part:
-            raise ConfigError(f"dataset.mix[{i}]={part} needs 'source' and accepts only "
-                              f"{', '.join(CHAT_PART_KEYS)}")
-        defaults = {"paths": [], "hub": [], "max_documents": None, "task_types": [],
-                    "difficulty": 1, "skip_bad_records": base["skip_bad_records"]}
-        parts.append({**defaults, **part})
-    return parts
 
 
 def chat_tokenizer(cfg: DictConfig, conversations):

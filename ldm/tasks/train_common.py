@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
+from ldm.files import atomic_write_text
 from ldm.masking import normalizer_for
 from ldm.train.loop import LoopConfig
 
@@ -151,9 +151,7 @@ def previous_mlflow_run(run_dir: Path) -> Optional[str]:
 def remember_mlflow_run(run_dir: Path, run_id: Optional[str]) -> None:
     """Store the run's mlflow id next to its checkpoints (for resumption)."""
     if run_id:
-        tmp = run_dir / f".{MLFLOW_RUN_FILE}.{os.getpid()}"
-        tmp.write_text(run_id)
-        tmp.replace(run_dir / MLFLOW_RUN_FILE)
+        atomic_write_text(run_dir / MLFLOW_RUN_FILE, run_id)
 
 
 def check_masking(masking: DictConfig) -> None:
@@ -177,13 +175,11 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     attention, resume and init folders, and the prepared data (present, of this kind and
     context, made from exactly the sources this run names).
     """
-    from ldm.data.store import read_manifest
     from ldm.errors import DataError
     from ldm.model import check_attn_implementation, resolve_dtype
     from ldm.tasks.checkpoints import with_init_from_model
     from ldm.tasks.common import check_run_name, check_tracking
-    from ldm.tasks.prepare import (check_prepared_sources, missing_data_message, prepare_command,
-                                   prepared_data_dir)
+    from ldm.tasks.prepared import find_prepared, prepare_command
     from ldm.train import checkpoint as ckpt
     from ldm.train.loop import validate
 
@@ -224,15 +220,8 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     from ldm.tasks.launch import check_init_from
 
     check_init_from(cfg)
-    data_dir = prepared_data_dir(cfg)
     command = prepare_command(cfg) + (f" init_from={cfg.init_from}" if cfg.init_from else "")
-    manifest = read_manifest(data_dir)
-    if manifest is None:
-        raise DataError(missing_data_message(cfg, data_dir, command))
-    if manifest.get("context_length") != cfg.context.length or manifest.get("kind", "text") != kind:
-        raise DataError(f"{data_dir} does not hold {kind} rows of {cfg.context.length} tokens; "
-                        f"re-run `{command} task.force=true`")
-    check_prepared_sources(cfg, data_dir, manifest, command)
+    data_dir, manifest = find_prepared(cfg, kind, command)
     if kind == "chat" and manifest.get("padding", "eos") != cfg.dataset.padding:
         raise DataError(f"{data_dir} holds rows prepared with dataset.padding="
                         f"{manifest.get('padding', 'eos')} but this run names dataset.padding="
@@ -260,7 +249,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
     from ldm.tasks.common import (check_run_name, lock_run_folder, mark_work_started,
                                   open_tracker, run_dir)
     from ldm.tasks.launch import needs_launch, relaunch, resolve_schedule
-    from ldm.tasks.prepare import log_data_identity
+    from ldm.tasks.prepared import log_data_identity
     from ldm.tokenizer import chat_encoding_note, load_tokenizer
     from ldm.train import checkpoint as ckpt
     from ldm.train.distributed import check_world_size, layers_to_wrap

@@ -217,7 +217,8 @@ def test_non_finite_steps_are_skipped_counted_in_mlflow_and_the_run_still_checkp
         world, launcher):
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     command = [*world.pretrain(steps=4), "task.lr=1e30", "task.grad_clip=0",
                "task.warmup_steps=0", "task.skip_nonfinite=true", "run_name=skips"]

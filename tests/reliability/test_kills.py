@@ -37,7 +37,8 @@ def metric_history(outputs: Path, experiment: str, run_name: str) -> dict:
     """Return {key: [(step, value)]} of METRICS of the only mlflow run named `run_name`."""
     from mlflow.tracking import MlflowClient
 
-    from ldm.tracking import find_runs, local_store_uri
+    from ldm.runs import find_runs
+    from ldm.tracking import local_store_uri
 
     runs = [r for r in find_runs(local_store_uri(outputs), experiment)
             if r.info.run_name == run_name]
