@@ -20,8 +20,8 @@ What it records (printed, and written as JSON to --out):
              mc_num rows, as the cloze/choice suites score) and a generate_until item (the
              sampling above, per prompt). Skipped with a message otherwise.
 
-FLOPs per step: 6 x encoder parameters x tokens, 12 x layers x hidden x context x tokens for
-attention, and the MLM head (6 x rows x (hidden^2 + hidden x vocab)) at the masked rows only.
+FLOPs per step: benchmarks/common.py's step_flops, the count train_throughput.py uses too
+(attention at the window on ModernBERT's sliding-window layers; the MLM head at the masked rows).
 """
 
 from __future__ import annotations
@@ -29,20 +29,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ldm.model import SparseMaskedLM, load_model
+from ldm.sampling.sampler import generate, hf_logits_fn
+from ldm.sampling.settings import SamplerSettings, load_preset
+from ldm.train.loop import make_optimizer
+from ldm.train.objective import diffusion_step
 
-from ldm.model import SparseMaskedLM, load_model  # noqa: E402
-from ldm.sampling.sampler import generate, hf_logits_fn  # noqa: E402
-from ldm.sampling.settings import SamplerSettings  # noqa: E402
-from ldm.train.loop import make_optimizer  # noqa: E402
-from ldm.train.objective import diffusion_step  # noqa: E402
+from common import card_peak, matmul_peak, step_flops, sync  # benchmarks/common.py
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODERNBERT_LARGE = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                         intermediate_size=2624, max_position_embeddings=8192)
@@ -58,39 +58,17 @@ SHAPES = {
                   "prompt": 16, "new_tokens": 32, "prompts": 2, "mc_items": 2, "mc_num": 4,
                   "mc_batch": 4, "eos": 2, "mask": 4},
 }
-# datasheet dense bf16 tensor-core peaks, FLOP/s (the more specific names first)
-PEAKS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-         ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12),
-         ("L4", 121e12)]
 MFU_TARGET = 0.40
 
 
 def datasheet_peak(name: str):
-    """Return the card's datasheet dense bf16 FLOP/s, or None when it is not in the table."""
-    return next((peak for key, peak in PEAKS if key in name), None)
-
-
-def sync(device: str) -> None:
-    """Wait for queued GPU work (timings must include it)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
+    """Return the card's datasheet dense bf16 FLOP/s, or None when it is not in common.PEAKS."""
+    return card_peak(name, "bf16")[1]
 
 
 def measured_matmul(device: str, dtype: torch.dtype) -> float:
     """Return the dense matmul FLOP/s measured on this device (median of 5 timings)."""
-    n = 8192 if device == "cuda" else 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        sync(device)
-        times.append((time.perf_counter() - start) / 10)
-    return 2 * n ** 3 / statistics.median(times)
+    return matmul_peak(device, dtype, n=8192 if device == "cuda" else 512)
 
 
 def build(shape: dict, device: str, compile_layers: bool):
@@ -104,16 +82,6 @@ def build(shape: dict, device: str, compile_layers: bool):
 
         model = maybe_compile(model, True)
     return model
-
-
-def step_flops(model, tokens: int, context: int, head_rows: float) -> float:
-    """Return the FLOPs of one forward + backward step (encoder, attention, head at head_rows)."""
-    cfg = model.config
-    embed = model.get_input_embeddings().weight.numel()
-    encoder = sum(p.numel() for p in model.base_model.parameters()) - embed
-    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * context * tokens
-    head = 6 * head_rows * (cfg.hidden_size ** 2 + cfg.hidden_size * cfg.vocab_size)
-    return 6 * encoder * tokens + attention + head
 
 
 def spread(values):
@@ -161,19 +129,9 @@ def train_speed(model, shape: dict, device: str, bf16: bool) -> dict:
 
 def preset_settings(preset: str, new_tokens: int, max_positions: int) -> SamplerSettings:
     """Return a sampler preset's settings (conf/sampler/<preset>.yaml) for new_tokens."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    import ldm.config  # noqa: F401  (schemas)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose("config", overrides=[f"sampler={preset}",
-                                           f"sampler.max_new_tokens={new_tokens}"])
-    GlobalHydra.instance().clear()
-    return SamplerSettings.from_config(OmegaConf.to_container(cfg.sampler, resolve=True),
-                                       max_positions=max_positions)
+    node = load_preset(preset)
+    node.max_new_tokens = new_tokens
+    return SamplerSettings.from_config(node, max_positions=max_positions)
 
 
 SAMPLING_PRESETS = ("fast", "fast_dual")

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 ARMS = {"a": "pretrained minilm", "b": "random init (same arch)", "c": "pretrained + diffusion pretrain"}
 WORD_TYPES = ("antonym", "plural", "category", "synonym")

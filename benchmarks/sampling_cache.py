@@ -15,11 +15,11 @@
      `--short-answer` (16) tokens at ctx48, laid out as the quickstart's task model; its exact
      match on 40 short prompts (canvas = prompt + 16) is printed, to tell an undertrained stage
      1 from a stage 2 that did not transfer. BERT (post-LayerNorm) learns nothing at the lr of
-     3e-3 that ModernBERT learns with, and its tasks at 1e-3. The default tasks are this
-     script's `letters` and `anyorder` (see OWN_TASKS): answers with several right forms, so
-     that even a well-trained model must commit its choices over several calls, as with
-     open-ended text. With one right answer (the library's copy and reverse), a trained model
-     fills a block in one call and the cache has nothing to save (benchmarks/RESULTS.md, fourth
+     3e-3 that ModernBERT learns with, and its tasks at 1e-3. The default tasks are the open
+     tasks `letters` and `anyorder` (ldm.data.synthetic.OPEN_TASKS): answers with several
+     right forms, so that even a well-trained model must commit its choices over several calls,
+     as with open-ended text. With one right answer (the library's copy and reverse), a trained
+     model fills a block in one call and the cache has nothing to save (benchmarks/RESULTS.md, fourth
      run). `--short-offset N` starts each prompt after 0..N spaces (absolute positions up to N
      for BERT); `--tasks ... phrase` adds a long-answer task (copy 4-9 real words, answers of up
      to 56 tokens), which needs an answer area of 64 already in stage 1.
@@ -71,15 +71,15 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from ldm.data.synthetic import OPEN_TASKS, check, open_examples
+from ldm.sampling.settings import load_preset
 
-from sampling_speed import run  # noqa: E402  (runs run.py with LDM_OUTPUTS set)
+from sampling_speed import run  # benchmarks/sampling_speed.py: run.py with LDM_OUTPUTS set
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB = 262  # byte-level BPE without merges: the same tokenizer whatever text it is trained on
 # per-architecture defaults of --steps, --lr, --short-steps, --short-lr, --short-offset and
@@ -115,98 +115,9 @@ SETTINGS = [  # label, preset, overrides
     ("entropy_bound+dual", "entropy_bound", {"cache": "dual"}),
 ]
 CHAT_MARKS = 3  # the user, end and assistant marks around a one-turn prompt's text
-# This benchmark's own tasks (the library's types answer in <= 30 tokens, one right answer each):
-# "phrase": answers that fill most of a 64-position answer area, as chat answers do: copy a
-# phrase of 4-9 real words (ldm.data.synthetic.WORDS) of at most PHRASE_CHARS characters
-# ("Copy: garden frog winter ...").
-# "anyorder": several right answers, as chat answers have: write the ANYORDER_WORDS given words
-# of 3-4 letters in any order ("Any order: sky leg tree" -> "tree sky leg"); training answers
-# are random orders, and an answer is right when it holds each word once, single spaces between.
-# "letters": as many letters as there are dots, each any of the 2-3 given letters
-# ("Use a k e: ......." -> "kaekkea"); training answers are random and use every given letter.
-# In both, what comes next is open until the model commits a choice, so a well-trained model
-# still needs several calls per answer (about one per word, one per letter), as with open-ended
-# text; a task with one right answer is filled in one call once learned.
-PHRASE_WORDS = (4, 9)
-PHRASE_CHARS = 56
-ANYORDER_WORDS = (2, 3)
-LETTERS = (2, 3)  # distinct letters given
-LETTER_DOTS = (6, 12)  # letters asked for
-OWN_TASKS = ("phrase", "anyorder", "letters")
-TASKS = ("copy", "reverse", "count", "sort", "max", "add", *OWN_TASKS)
-
-
-def make_phrase(rng: random.Random) -> str:
-    """Return a phrase of PHRASE_WORDS distinct real words, at most PHRASE_CHARS characters."""
-    from ldm.data.synthetic import WORDS
-
-    words = rng.sample(WORDS, rng.randint(*PHRASE_WORDS))
-    while len(" ".join(words)) > PHRASE_CHARS:
-        words.pop()
-    return " ".join(words)
-
-
-def make_anyorder(rng: random.Random) -> tuple:
-    """Return an any-order instruction and one right answer (the words in a random order)."""
-    from ldm.data.synthetic import WORDS
-
-    words = rng.sample([w for w in WORDS if 3 <= len(w) <= 4], rng.randint(*ANYORDER_WORDS))
-    answer = rng.sample(words, len(words))
-    return f"Any order: {' '.join(words)}", " ".join(answer)
-
-
-def make_letters(rng: random.Random) -> tuple:
-    """Return a letters instruction and one right answer (random letters, each given one used)."""
-    import string
-
-    letters = rng.sample(string.ascii_lowercase, rng.randint(*LETTERS))
-    dots = rng.randint(*LETTER_DOTS)
-    answer = letters + [rng.choice(letters) for _ in range(dots - len(letters))]
-    return f"Use {' '.join(letters)}: {'.' * dots}", "".join(rng.sample(answer, dots))
-
-
-def examples(n: int, seed: int, tasks) -> list:
-    """Return n one-turn task examples {messages, task, answer}, the types in round robin: the
-    library's synthetic types from ldm.data.synthetic, OWN_TASKS from make_phrase,
-    make_anyorder and make_letters."""
-    from ldm.data import synthetic
-
-    library = [t for t in tasks if t not in OWN_TASKS]
-    drawn = iter(synthetic.generate(n, seed, library)) if library else iter(())
-    rngs = {task: random.Random(f"{task}:{seed}") for task in OWN_TASKS}
-    out = []
-    for i in range(n):
-        task = tasks[i % len(tasks)]
-        if task not in OWN_TASKS:
-            out.append(next(drawn))
-            continue
-        if task == "phrase":
-            answer = make_phrase(rngs[task])
-            instruction = f"Copy: {answer}"
-        else:
-            make = make_anyorder if task == "anyorder" else make_letters
-            instruction, answer = make(rngs[task])
-        out.append({"messages": [{"role": "user", "content": instruction},
-                                 {"role": "assistant", "content": answer}],
-                    "task": task, "answer": answer})
-    return out
-
-
-def check(task: str, answer: str, reference: str) -> bool:
-    """Return whether `answer` is right for `task`: phrase exact; anyorder the reference's words,
-    each once, in any order, single spaces between; letters as many letters as the reference,
-    each one of its letters (a reference uses every given letter); the others the library's
-    check."""
-    from ldm.data import synthetic
-
-    if task == "phrase":
-        return synthetic.check_exact(answer, reference)
-    if task == "anyorder":
-        return sorted(answer.strip().split(" ")) == sorted(reference.split(" "))
-    if task == "letters":
-        answer = answer.strip()
-        return len(answer) == len(reference) and set(answer) <= set(reference)
-    return synthetic.check(task, answer, reference)
+# The library's types answer in <= 30 tokens, one right answer each; ldm.data.synthetic's open
+# tasks (phrase, anyorder, letters) have long answers or several right ones.
+TASKS = ("copy", "reverse", "count", "sort", "max", "add", *OPEN_TASKS)
 
 
 def few_shot(n: int, seed: int, tasks, lengths) -> list:
@@ -217,7 +128,7 @@ def few_shot(n: int, seed: int, tasks, lengths) -> list:
     token of each): solved examples are added while they fit, and leading spaces fill what is
     left. A length too short for the heading and the task gives a prompt of just the task.
     """
-    pool = examples(n * 16, seed, tasks)
+    pool = open_examples(n * 16, seed, tasks)
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -247,11 +158,10 @@ def sampler_settings(preset: str, overrides: dict, max_new: int) -> dict:
     """Return the sampler settings of conf/sampler/<preset>.yaml plus overrides, as a dict."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.load(REPO / "conf" / "sampler" / f"{preset}.yaml")
-    node.pop("defaults")
-    node.pop("name")
+    node = load_preset(preset)
     node.max_new_tokens = max_new
     out = OmegaConf.to_container(node, resolve=True)
+    out.pop("name")
     out.update(overrides)
     return out
 
@@ -325,13 +235,13 @@ def bench_arch(arch: str, args, outputs: Path) -> list:
     short = (outputs / "models"
              / f"{name}-short{short_steps}{offset}-answer{args.short_answer}-lr{short_lr:g}")
     long = outputs / "models" / f"{short.name}-long{lo}-{hi}x{steps}-answer{args.max_new}-lr{lr:g}"
-    short_chats = examples(args.short_examples, args.seed + 1, args.tasks)
+    short_chats = open_examples(args.short_examples, args.seed + 1, args.tasks)
     if short_offset:  # leading spaces: the task at absolute positions up to the offset
         rng = random.Random(f"offset:{args.seed}")
         for ex in short_chats:
             ex["messages"][0]["content"] = (" " * rng.randint(0, short_offset)
                                             + ex["messages"][0]["content"])
-    if set(args.tasks) & set(OWN_TASKS) or short_offset:  # as chats in a file
+    if set(args.tasks) & set(OPEN_TASKS) or short_offset:  # as chats in a file
         chats = outputs / f"short{offset}.jsonl"
         write_chats(chats, short_chats)
         data = ["dataset=local_chat", f"dataset.paths=[{chats}]"]
@@ -406,7 +316,7 @@ def short_exact(export: Path, args, prompts: int = 40) -> str:
     node = {**sampler_settings("llada", {}, args.short_answer), "block_length": None}
     counts = {}  # task -> [correct, prompts]
     with torch.inference_mode():
-        for ex in examples(prompts, 20_000 + args.seed, args.tasks):
+        for ex in open_examples(prompts, 20_000 + args.seed, args.tasks):
             ids = encode_prompt(tok, Prompt(ex["messages"][0]["content"]), True)
             result = generate(hf_logits_fn(model), [ids], SamplerSettings.from_config(node),
                               mask_id=tok.mask_token_id, eos_id=tok.eos_token_id,

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MODELS = {
     # name: overrides of run.py; "small" is the ModernBERT architecture at the size the issue's

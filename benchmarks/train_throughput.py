@@ -14,12 +14,13 @@ the resident set while stepping ("step MiB" is what stepping adds to the loaded 
 optimizer), on GPU torch's peak allocation.
 
 "MFU" divides the FLOPs a step must do by the step time and by a peak: on a GPU the datasheet's
-dense peak of that exact card and precision (PEAKS; --peak-tflops overrides), on CPU the
-machine's matmul FLOP/s measured between the repetitions. The FLOPs: 6 x encoder parameters x
-tokens, attention 12 x hidden x attended keys per token and layer (the context on a global
-layer, the window on a sliding-window layer: ModernBERT's local layers attend to 128 keys), and
-the MLM head at the positions it is applied to. Under SDPA the sliding-window layers still
-multiply the dense L x L scores (a masked kernel); that work is not counted as useful.
+dense peak of that exact card and precision (common.PEAKS; --peak-tflops overrides), on CPU the
+machine's matmul FLOP/s measured between the repetitions. The FLOPs: benchmarks/common.py's
+step_flops (gpu_check.py counts the same): 6 x encoder parameters x tokens, attention 12 x
+hidden x attended keys per token and layer (the context on a global layer, the window on a
+sliding-window layer: ModernBERT's local layers attend to 128 keys), and the MLM head at the
+positions it is applied to. Under SDPA the sliding-window layers still multiply the dense L x L
+scores (a masked kernel); that work is not counted as useful.
 """
 
 from __future__ import annotations
@@ -29,18 +30,16 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ldm.masking import apply_mask, get_schedule, sample_times
+from ldm.model import SparseMaskedLM, load_model, resolve_attention
+from ldm.train.loop import make_optimizer
+from ldm.train.objective import diffusion_step
 
-from ldm.masking import apply_mask, get_schedule, sample_times  # noqa: E402
-from ldm.model import SparseMaskedLM, load_model, resolve_attention  # noqa: E402
-from ldm.train.loop import make_optimizer  # noqa: E402
-from ldm.train.objective import diffusion_step  # noqa: E402
+from common import card_peak, matmul_peak, step_flops, sync  # benchmarks/common.py
 
 SHAPES = {
     # name: (source, pretrained, architecture, arch, vocab, context, batch)
@@ -55,16 +54,6 @@ SHAPES = {
                                50368, 1024, 16),
 }
 MASK_ID = 4
-# Dense (no sparsity) datasheet peaks in FLOP/s, by card, for bf16 and fp32 (no TF32) math.
-# Matched against torch.cuda.get_device_name() in this order; the first hit wins.
-PEAKS = [
-    ("H100 NVL", ("h100", "nvl"), {"bf16": 835e12, "fp32": 60e12}),
-    ("H100 PCIe", ("h100", "pcie"), {"bf16": 756e12, "fp32": 51e12}),
-    ("H100 SXM", ("h100",), {"bf16": 989e12, "fp32": 67e12}),  # "NVIDIA H100 80GB HBM3"
-    ("H200", ("h200",), {"bf16": 989e12, "fp32": 67e12}),
-    ("A100 80GB", ("a100", "80gb"), {"bf16": 312e12, "fp32": 19.5e12}),
-    ("A100 40GB", ("a100", "40gb"), {"bf16": 312e12, "fp32": 19.5e12}),
-]
 
 
 def build(shape: str, device: str, precision: str = "fp32"):
@@ -80,56 +69,6 @@ def build(shape: str, device: str, precision: str = "fp32"):
 def attention_for(device: str, precision: str) -> str:
     """Return the attention implementation training would pick here (model.attn_implementation=auto)."""
     return resolve_attention("auto", device, half_precision=precision == "bf16")
-
-
-def attended_keys(config, context: int) -> list:
-    """Return, per layer, how many keys each query attends to (the window on sliding layers)."""
-    layers = config.num_hidden_layers
-    types = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
-    window = getattr(config, "local_attention", None)
-    return [min(context, window) if kind == "sliding_attention" and window else context
-            for kind in types]
-
-
-def step_flops(model, tokens: int, context: int, head_rows: int) -> float:
-    """Return the FLOPs of one forward+backward: encoder, attention and head at head_rows rows."""
-    cfg = model.config
-    embed = model.get_input_embeddings().weight.numel()
-    encoder = sum(p.numel() for p in model.base_model.parameters()) - embed
-    hidden = cfg.hidden_size
-    attention = 12 * hidden * sum(attended_keys(cfg, context)) * tokens
-    head = 6 * head_rows * (hidden * hidden + hidden * cfg.vocab_size)
-    return 6 * encoder * tokens + attention + head
-
-
-def card_peak(name: str, precision: str):
-    """Return (label, FLOP/s) of the datasheet peak for a card name, or (None, None)."""
-    lowered = name.lower()
-    for label, needles, peaks in PEAKS:
-        if all(n in lowered for n in needles):
-            return label, peaks[precision]
-    return None, None
-
-
-def matmul_peak(device: str, dtype: torch.dtype, reps: int = 0) -> float:
-    """Return measured dense matmul FLOP/s on this device."""
-    n = 1024 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    reps = reps or (5 if device == "cpu" else 50)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def ours(model, opt, ids, gen, autocast):
@@ -249,7 +188,7 @@ def compare(shape: str, reps: int, device: str, precision: str) -> dict:
                 times[variant].append(time.perf_counter() - start)
                 rows[variant].append(head_rows)
         if device == "cpu" and i > 0:
-            peaks.append(matmul_peak(device, torch.float32, reps=2))
+            peaks.append(matmul_peak(device, torch.float32, timings=1, calls=2))
     tokens = batch * context
     out = {"cpu_peak": median_spread(peaks) if peaks else None, "variants": {}}
     for variant in VARIANTS:
@@ -270,7 +209,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"),
                         help="for both variants (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--peak-tflops", type=float,
-                        help="the card's dense peak for --precision, when its name is not in PEAKS")
+                        help="the card's dense peak for --precision, when its name is not in "
+                             "common.PEAKS")
     parser.add_argument("--variant-only", nargs=2, metavar=("SHAPE", "VARIANT"))
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
@@ -292,7 +232,7 @@ def main() -> None:
         elif table_peak:
             peak, source = table_peak, f"datasheet, {label}"
         else:
-            source = f"none: {name!r} is not in PEAKS, pass --peak-tflops"
+            source = f"none: {name!r} is not in common.PEAKS, pass --peak-tflops"
         measured = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
         print(f"device: {name}; peak used for MFU: "
               f"{f'{peak / 1e12:.0f} TFLOP/s {precision} dense' if peak else 'none'} ({source}); "

@@ -94,9 +94,10 @@ def test_per_layer_compiled_model_gives_the_eager_loss_and_gradients(family):
                                    msg=name)
 
 
-def _throughput_benchmark():
+def _benchmark_common():
+    """benchmarks/common.py: the peaks and the step-FLOPs count the benchmark scripts share."""
     spec = importlib.util.spec_from_file_location(
-        "train_throughput", Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py")
+        "benchmarks_common", Path(__file__).resolve().parents[1] / "benchmarks" / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -108,17 +109,29 @@ def _throughput_benchmark():
     ("NVIDIA A100-SXM4-40GB", "A100 40GB", 312e12), ("NVIDIA A100 80GB PCIe", "A100 80GB", 312e12),
 ])
 def test_benchmark_peak_is_the_exact_cards(name, label, bf16):
-    assert _throughput_benchmark().card_peak(name, "bf16") == (label, bf16)
+    assert _benchmark_common().card_peak(name, "bf16") == (label, bf16)
 
 
 def test_benchmark_counts_sliding_window_layers_at_their_window():
-    bench = _throughput_benchmark()
-    assert bench.card_peak("NVIDIA L4", "bf16") == (None, None), "unknown cards need --peak-tflops"
+    bench = _benchmark_common()
+    assert bench.card_peak("NVIDIA T4", "bf16") == (None, None), "unknown cards need --peak-tflops"
+    assert bench.card_peak("NVIDIA L4", "fp32") == (None, None), "no fp32 figure for the L4"
+    assert bench.card_peak("NVIDIA L4", "bf16") == ("L4", 121e12)
     large = ModernBertConfig(num_hidden_layers=28, global_attn_every_n_layers=3,
                              local_attention=128)
     keys = bench.attended_keys(large, 1024)
     assert keys.count(128) == 18 and keys.count(1024) == 10
     assert bench.attended_keys(BertConfig(num_hidden_layers=4), 256) == [256] * 4
+
+
+def test_benchmark_step_flops_count_a_sliding_layer_at_its_window():
+    # gpu_check.py and train_throughput.py both count with common.step_flops: one MFU per run
+    bench, model = _benchmark_common(), _tiny("modernbert", 100)
+    assert bench.attended_keys(model.config, 64) == [64, 8, 8]  # window 8 on 2 of the 3 layers
+    windowed = bench.step_flops(model, 2 * 64, 64, 10)
+    model.config.local_attention = 64  # a window of the whole context: every layer global
+    # 12 x hidden x (context - window) keys x 2 sliding layers x tokens fewer
+    assert bench.step_flops(model, 2 * 64, 64, 10) - windowed == 12 * 32 * (64 - 8) * 2 * 128
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])

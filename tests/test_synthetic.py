@@ -216,3 +216,49 @@ def test_dataset_config_is_a_chat_set_of_5000_synthetic_examples():
     assert list(cfg.defaults) == ["schema", "_self_"]
     assert (cfg.name, cfg.kind, cfg.source) == ("synthetic_tasks", "chat", "synthetic")
     assert cfg.max_documents == 5000 and cfg.test_split_pct == 0.1 and cfg.split_seed == 0
+
+
+# --- open tasks (benchmarks/sampling_cache.py trains and asks them) ------------------------------
+
+def test_anyorder_accepts_every_order_and_rejects_repeats_missing_words_and_double_spaces():
+    ex = synthetic.open_examples(1, 3, ["anyorder"])[0]
+    words = ex["messages"][0]["content"].removeprefix("Any order: ").split(" ")
+    assert sorted(ex["answer"].split(" ")) == sorted(words)
+    assert check("anyorder", " ".join(reversed(words)), ex["answer"])
+    assert check("anyorder", " ".join(words) + " ", ex["answer"])
+    assert not check("anyorder", " ".join([words[0]] + words[:-1]), ex["answer"])
+    assert not check("anyorder", " ".join(words[:-1]), ex["answer"])
+    assert not check("anyorder", "  ".join(words), ex["answer"])
+
+
+def test_letters_answers_have_the_asked_length_and_only_given_letters():
+    for ex in synthetic.open_examples(50, 4, ["letters"]):
+        given, dots = ex["messages"][0]["content"].removeprefix("Use ").split(": ")
+        letters = set(given.split(" "))
+        assert len(ex["answer"]) == len(dots) and set(ex["answer"]) == letters
+        assert check("letters", ex["answer"][::-1], ex["answer"])
+        assert check("letters", min(letters) * len(dots), ex["answer"])
+        assert not check("letters", ex["answer"][:-1], ex["answer"])
+        outside = next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in letters)
+        assert not check("letters", outside + ex["answer"][1:], ex["answer"])
+
+
+def test_phrase_copies_distinct_real_words_within_its_length():
+    for ex in synthetic.open_examples(50, 5, ["phrase"]):
+        words = ex["answer"].split(" ")
+        assert ex["messages"][0]["content"] == f"Copy: {ex['answer']}"
+        assert len(set(words)) == len(words) <= synthetic.PHRASE_WORDS[1]
+        assert set(words) <= set(synthetic.WORDS) and len(ex["answer"]) <= synthetic.PHRASE_CHARS
+        assert check("phrase", f" {ex['answer']}\n", ex["answer"])
+
+
+def test_open_examples_are_reproducible_alternate_types_and_leave_generate_alone():
+    tasks = ["letters", "anyorder", "copy"]
+    first = synthetic.open_examples(9, 7, tasks)
+    assert first == synthetic.open_examples(9, 7, tasks)
+    assert [ex["task"] for ex in first] == tasks * 3
+    assert first != synthetic.open_examples(9, 8, tasks)
+    assert [ex for ex in first if ex["task"] == "copy"] == generate(9, 7, ["copy"])[:3]
+    assert not set(synthetic.OPEN_TASKS) & set(synthetic.TASKS)  # not generate()'s types
+    with pytest.raises(ConfigError):
+        generate(3, 0, ["letters"])

@@ -14,9 +14,9 @@ SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "tempe
 
 def sampler_presets() -> List[str]:
     """Return the names of the sampler presets in conf/sampler/."""
-    from ldm.config import repo_root
+    from ldm.sampling.settings import preset_names
 
-    return sorted(p.stem for p in (repo_root() / "conf" / "sampler").glob("*.yaml"))
+    return preset_names()
 
 
 def sampler_settings(preset: str, overrides: Optional[Dict[str, Any]] = None,
@@ -30,15 +30,9 @@ def sampler_settings(preset: str, overrides: Optional[Dict[str, Any]] = None,
     """
     from omegaconf import OmegaConf
 
-    from ldm.config import SamplerConfig, repo_root
+    from ldm.sampling.settings import load_preset
 
-    path = repo_root() / "conf" / "sampler" / f"{preset}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"sampler={preset!r} is not a sampler preset; accepted: "
-                          f"{', '.join(sampler_presets())}")
-    raw = OmegaConf.load(path)
-    raw.pop("defaults", None)
-    node = OmegaConf.merge(OmegaConf.structured(SamplerConfig), raw)
+    node = load_preset(preset)
     unknown = sorted(set(overrides or {}) - set(SAMPLER_FIELDS))
     if unknown:
         raise ConfigError(f"unknown sampler setting {unknown[0]!r}; accepted: "

@@ -36,6 +36,19 @@ Checking: surrounding whitespace is ignored, and for sort whitespace around the 
 ("2,7 , 9" == "2, 7, 9"). Everything else must match the reference character for character: no
 leading zeros, no extra words, no trailing period, no other separator.
 
+Open tasks (OPEN_TASKS; benchmarks/sampling_cache.py trains and asks them), outside TASKS so that
+`generate` and prepared data are unchanged: `open_examples` mixes them with the types above.
+  phrase   Copy: garden frog winter ...     (the same)   4-9 real words, at most 56 characters:
+                                                         answers filling most of a 64-position
+                                                         answer area, as chat answers do
+  anyorder Any order: sky leg tree          tree sky leg 2-3 words of 3-4 letters, any order
+  letters  Use a k e: .......               kaekkea      as many letters as dots (6-12), each one
+                                                         of the 2-3 given letters
+anyorder and letters have several right answers (training answers are random ones), so what comes
+next is open until the model commits a choice and a well-trained model still needs several calls
+per answer, as with open-ended text; a task with one right answer is filled in one call once
+learned.
+
 """
 
 from __future__ import annotations
@@ -262,9 +275,13 @@ def conversations(num_examples: int, seed: int, task_types: TaskTypes = None,
 
 
 def check(task: str, answer_text: str, reference: str) -> bool:
-    """Return whether `answer_text` is a correct answer for a `task` example with `reference`."""
+    """Return whether `answer_text` is a correct answer for a `task` example with `reference`
+    (a type of TASKS or of OPEN_TASKS)."""
+    if task in OPEN_CHECKS:
+        return OPEN_CHECKS[task](answer_text, reference)
     if task not in TASKS:
-        raise ConfigError(f"unknown synthetic task type {task!r}; known: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown synthetic task type {task!r}; known: "
+                          f"{', '.join((*TASKS, *OPEN_TASKS))}")
     return TASKS[task].check(answer_text, reference)
 
 
@@ -281,3 +298,77 @@ def describe(num_examples: int, seed: int, task_types: TaskTypes = None,
 
         desc["lexicon"] = lexicon.identity()
     return desc
+
+
+# --- open tasks: long answers, or several right ones (see the module docstring) -----------------
+
+OPEN_TASKS = ("phrase", "anyorder", "letters")
+PHRASE_WORDS = (4, 9)
+PHRASE_CHARS = 56
+ANYORDER_WORDS = (2, 3)
+LETTERS = (2, 3)  # distinct letters given
+LETTER_DOTS = (6, 12)  # letters asked for
+
+
+def make_phrase(rng: random.Random) -> Tuple[str, str]:
+    """Return a copy instruction of PHRASE_WORDS distinct real words (at most PHRASE_CHARS
+    characters) and its answer, the same words."""
+    words = rng.sample(WORDS, rng.randint(*PHRASE_WORDS))
+    while len(" ".join(words)) > PHRASE_CHARS:
+        words.pop()
+    phrase = " ".join(words)
+    return f"Copy: {phrase}", phrase
+
+
+def make_anyorder(rng: random.Random) -> Tuple[str, str]:
+    """Return an any-order instruction and one right answer (the words in a random order)."""
+    words = rng.sample(_words(3, 4), rng.randint(*ANYORDER_WORDS))
+    answer = rng.sample(words, len(words))
+    return f"Any order: {' '.join(words)}", " ".join(answer)
+
+
+def make_letters(rng: random.Random) -> Tuple[str, str]:
+    """Return a letters instruction and one right answer (random letters, each given one used)."""
+    letters = rng.sample(string.ascii_lowercase, rng.randint(*LETTERS))
+    dots = rng.randint(*LETTER_DOTS)
+    answer = letters + [rng.choice(letters) for _ in range(dots - len(letters))]
+    return f"Use {' '.join(letters)}: {'.' * dots}", "".join(rng.sample(answer, dots))
+
+
+def check_anyorder(answer_text: str, reference: str) -> bool:
+    """Return whether the answer holds the reference's words, each once, in any order, single
+    spaces between."""
+    return sorted(answer_text.strip().split(" ")) == sorted(reference.split(" "))
+
+
+def check_letters(answer_text: str, reference: str) -> bool:
+    """Return whether the answer has as many letters as the reference, each one of its letters
+    (a reference uses every given letter)."""
+    answer_text = answer_text.strip()
+    return len(answer_text) == len(reference) and set(answer_text) <= set(reference)
+
+
+OPEN_MAKES: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
+    "phrase": make_phrase, "anyorder": make_anyorder, "letters": make_letters}
+OPEN_CHECKS: Dict[str, Checker] = {
+    "phrase": check_exact, "anyorder": check_anyorder, "letters": check_letters}
+
+
+def open_examples(num_examples: int, seed: int, task_types: Sequence[str]) -> List[dict]:
+    """Return `num_examples` dicts {messages, task, answer}, the types in round robin: those of
+    TASKS are `generate(num_examples, seed, <them>)`'s examples in order, each of OPEN_TASKS is
+    drawn from its own stream seeded from (type, seed). Identical for identical arguments."""
+    library = [t for t in task_types if t not in OPEN_TASKS]
+    drawn = iter(generate(num_examples, seed, library)) if library else iter(())
+    rngs = {task: random.Random(f"{task}:{seed}") for task in OPEN_TASKS}
+    out = []
+    for i in range(num_examples):
+        task = task_types[i % len(task_types)]
+        if task not in OPEN_TASKS:
+            out.append(next(drawn))
+            continue
+        instruction, answer = OPEN_MAKES[task](rngs[task])
+        out.append({"messages": [{"role": "user", "content": instruction},
+                                 {"role": "assistant", "content": answer}],
+                    "task": task, "answer": answer})
+    return out

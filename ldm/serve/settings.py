@@ -22,16 +22,9 @@ def load_presets(folder: str | Path) -> Dict[str, Any]:
     The nodes stay unresolved, so a preset whose steps follow max_new_tokens still does when the
     page changes max_new_tokens (see `preset_values`).
     """
-    from omegaconf import OmegaConf
+    from ldm.sampling.settings import load_preset, preset_names
 
-    from ldm.config import SamplerConfig
-
-    presets: Dict[str, Any] = {}
-    for path in sorted(Path(folder).glob("*.yaml")):
-        raw = OmegaConf.load(path)
-        if "defaults" in raw:
-            del raw["defaults"]  # the schema entry; merged below as a structured config
-        presets[path.stem] = OmegaConf.merge(OmegaConf.structured(SamplerConfig), raw)
+    presets: Dict[str, Any] = {name: load_preset(name, folder) for name in preset_names(folder)}
     if not presets:
         raise ConfigError(f"no sampler presets (*.yaml) in {folder}")
     return presets
