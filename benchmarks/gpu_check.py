@@ -15,7 +15,7 @@ What it records (printed, and written as JSON to --out):
              speed-up. A random-weight model is rarely 90% sure of a token, so it commits about
              one token per call: the tokens/s printed is the per-call floor; a trained model
              commits several per call.
-  lm-eval    seconds per item of the offline suites' two request kinds, when `ldm.benchmark`
+  lm-eval    seconds per item of the offline suites' two request kinds, when `ldm.harness`
              (the lm-eval adapter) is in this checkout: a loglikelihood item (Monte Carlo ELBO,
              mc_num rows, as the cloze/choice suites score) and a generate_until item (the
              sampling above, per prompt). Skipped with a message otherwise.
@@ -181,13 +181,13 @@ def sampling_speed(model, shape: dict, device: str, bf16: bool, reps: int = 5) -
 
 
 def lm_eval_speed(model, shape: dict, device: str, bf16: bool, sampling: dict) -> dict:
-    """Return seconds per offline-suite item, or {'skipped': why} without ldm.benchmark."""
+    """Return seconds per offline-suite item, or {'skipped': why} without ldm.harness."""
     import contextlib
 
     try:
-        from ldm.benchmark.elbo import mc_elbo, model_logits_at
+        from ldm.harness.elbo import mc_elbo, model_logits_at
     except ImportError as err:
-        return {"skipped": f"ldm.benchmark (the lm-eval adapter) is not importable here ({err})"}
+        return {"skipped": f"ldm.harness (the lm-eval adapter) is not importable here ({err})"}
     gen = torch.Generator().manual_seed(1)
     requests = [(torch.randint(5, shape["vocab"] - 100, (shape["prompt"],), generator=gen).tolist(),
                  torch.randint(5, shape["vocab"] - 100, (8,), generator=gen).tolist())
@@ -207,7 +207,7 @@ def lm_eval_speed(model, shape: dict, device: str, bf16: bool, sampling: dict) -
             if rep:
                 times.append(time.perf_counter() - start)
     except TypeError as err:  # the adapter's signature moved on; say so instead of guessing
-        return {"skipped": f"ldm.benchmark.elbo.mc_elbo has another signature ({err})"}
+        return {"skipped": f"ldm.harness.elbo.mc_elbo has another signature ({err})"}
     finally:
         model.train()
     return {"loglikelihood": {"mc_num": shape["mc_num"], "batch_size": shape["mc_batch"],

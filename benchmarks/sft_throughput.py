@@ -27,7 +27,7 @@ from a trainer callback): answer tokens per second (the answer tokens proper and
 EOS, without prompt or padding: the useful work), total tokens per second (what the model ran),
 peak resident memory of the training process. Each is the median of the repetitions with the
 min-max. Then one longer run of (b) and of (c) each (--nelbo-steps), after which both models are
-scored by the same code (ldm.evaluate.heldout_nelbo: held-out rows, stratified t, seeded masks)
+scored by the same code (ldm.scoring.heldout_nelbo: held-out rows, stratified t, seeded masks)
 on the answer tokens of the first --nelbo-rows held-out rows: held-out answer NELBO after the same
 number of steps of the same global batch.
 
@@ -229,7 +229,7 @@ def answer_nelbo(model_dir: Path, data_dir: Path, dataset_cfg, rows: int, seed: 
     from transformers import AutoModelForMaskedLM
 
     from ldm.data.store import load_prepared
-    from ldm.evaluate import fixed_batches, heldout_nelbo
+    from ldm.scoring import fixed_batches, heldout_nelbo
     from ldm.tokenizer import load_tokenizer
     from ldm.train.data import collate_for_rows
 

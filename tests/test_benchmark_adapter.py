@@ -35,7 +35,7 @@ def export(tmp_path_factory):
 
 
 def make(export, **kw):
-    from ldm.benchmark.adapter import LdmLM
+    from ldm.harness.adapter import LdmLM
 
     args = dict(pretrained=str(export), mc_num=4, batch_size=8, sampler="llada")
     args.update(kw)
@@ -47,7 +47,7 @@ def request(kind, *args):
 
 
 def test_is_greedy_is_true_exactly_for_what_greedy_decoding_produces(export):
-    from ldm.benchmark.generation import generate_batch, sampler_settings
+    from ldm.harness.generation import generate_batch, sampler_settings
     from ldm.sampling.sampler import hf_logits_fn
 
     lm = make(export)
@@ -63,7 +63,7 @@ def test_is_greedy_is_true_exactly_for_what_greedy_decoding_produces(export):
 
 
 def test_loglikelihood_of_text_requests_is_the_elbo_of_their_tokens(export):
-    from ldm.benchmark.elbo import mc_elbo, model_logits_at
+    from ldm.harness.elbo import mc_elbo, model_logits_at
 
     lm = make(export, greedy=False)
     ((value, greedy),) = lm.loglikelihood([request("loglikelihood", "the king spoke", " to")])
@@ -112,3 +112,42 @@ def test_bad_model_arguments_are_refused(export):
         make(export, stepz=3)
     with pytest.raises(ConfigError, match="sampler='quick'"):
         make(export, sampler="quick")
+
+
+def _registered_target(site_dir, then: str = "") -> str:
+    """Start a Python that processes only `site_dir`'s .pth files and runs `then`; return what
+    lm-eval's registry then holds for "ldm" (start-up and the registry's import must not fail)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lm_eval
+
+    packages = str(Path(lm_eval.__file__).resolve().parents[1])  # without running its .pth files
+    code = ("import site, sys; sys.path.append(sys.argv[2]); site.addsitedir(sys.argv[1]); "
+            f"from lm_eval.api import registry; {then or 'pass'}; "
+            "print(registry.model_registry._objs.get('ldm'))")
+    proc = subprocess.run([sys.executable, "-S", "-c", code, str(site_dir), packages],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])  # ldm importable without .pth
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_the_pth_registers_the_harness_adapter_and_an_older_one_breaks_nothing(tmp_path):
+    from ldm.harness.plugin import PTH_NAME, TARGET, install, pth_line, registration_note
+
+    assert TARGET == "ldm.harness.adapter:LdmLM"
+    assert "not installed" in registration_note(tmp_path)
+    # a .pth written before the adapter moved: start-up and lm-eval still load, and the task's
+    # note says how to write it again
+    (tmp_path / PTH_NAME).write_text(pth_line().replace(TARGET, "ldm.benchmark.adapter:LdmLM"))
+    assert _registered_target(tmp_path) == "ldm.benchmark.adapter:LdmLM"
+    # the adapter (task=benchmark imports it) replaces that entry instead of refusing to register
+    assert _registered_target(tmp_path, "import ldm.harness.adapter") == \
+        "<class 'ldm.harness.adapter.LdmLM'>"
+    assert "older adapter" in registration_note(tmp_path)
+    assert "python -m ldm.harness.plugin" in registration_note(tmp_path)
+    install(tmp_path)
+    assert registration_note(tmp_path) is None
+    assert _registered_target(tmp_path) == TARGET

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from ldm.benchmark.elbo import exact_elbo, mc_elbo, model_logits_at, stratified_ks
+from ldm.harness.elbo import exact_elbo, mc_elbo, model_logits_at, stratified_ks
 from ldm.errors import ConfigError
 from ldm.sampling.decode import guided_logits
 

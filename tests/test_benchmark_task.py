@@ -179,7 +179,7 @@ DLLM_BERT_EVAL = {"gsm8k": 0, "bbh": 3, "minerva_math": 4, "mmlu": 5, "ceval-val
 
 
 def test_bert_chat_suite_holds_dllms_bert_evaluation_settings():
-    from ldm.benchmark.generation import sampler_settings
+    from ldm.harness.generation import sampler_settings
     from ldm.tasks.benchmark import suite_sampler, validate
 
     cfg = _config("benchmark=bert_chat", "sampler=fast")  # the suite's own sampler wins

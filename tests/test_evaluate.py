@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from ldm.evaluate import heldout_nelbo, t_grid
+from ldm.scoring import heldout_nelbo, t_grid
 
 
 def _model():

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import compose_config, local_text_dir, run_cli, write_corpus
 from ldm.errors import ConfigError, DataError
-from ldm.evaluate import answer_metrics, token_f1
+from ldm.scoring import answer_metrics, token_f1
 from ldm.runs import find_runs
 from ldm.tracking import local_store_uri
 

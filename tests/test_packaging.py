@@ -55,7 +55,7 @@ def test_make_test_installs_the_serve_extra_and_chromium_for_the_browser_test():
 def test_make_installs_the_bench_extra_and_registers_the_lm_eval_model():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"--extra [a-z,]*\bbench\b", makefile) and "lm-eval" in _locked("all")
-    assert "python -m ldm.benchmark.plugin" in makefile
+    assert "python -m ldm.harness.plugin" in makefile
 
 
 def test_every_lock_pins_exact_versions_with_hashes_and_leaves_torch_to_torch_spec():

@@ -158,7 +158,7 @@ def test_byte_level_bpe_of_the_smallest_size_makes_one_token_per_character(tmp_p
 
 
 def test_exact_match_on_prompts_not_seen_in_training_counts_only_those():
-    from ldm.evaluate import answer_metrics
+    from ldm.scoring import answer_metrics
 
     base = {"nfe": 1, "seconds": 0.1, "tokens": 2}
     records = [{**base, "task": "copy", "correct": True, "seen_in_training": True},

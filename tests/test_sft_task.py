@@ -100,13 +100,13 @@ def test_sft_on_a_text_dataset_is_refused(base_export):
 def test_sft_samples_ask_the_last_question_of_a_multi_turn_conversation_as_evaluate_does():
     from datasets import Dataset
 
-    import ldm.evaluate
+    import ldm.scoring
     import ldm.tasks.sft as sft
 
     # user 1 | answer 1 | user 2 | answer 2 + EOS | padding
     ids = [10, 11, 20, 21, 30, 31, 40, 41, 9, 9, 9]
     answer = [0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1]
     split = Dataset.from_dict({"input_ids": [ids], "answer_mask": [answer], "length": [9]})
-    assert sft.heldout_answers is ldm.evaluate.heldout_answers  # one helper for both tasks
+    assert sft.heldout_answers is ldm.scoring.heldout_answers  # one helper for both tasks
     prompt, reference = sft.heldout_answers(split, 1)[0]
     assert prompt == [10, 11, 20, 21, 30, 31] and reference == [40, 41, 9]

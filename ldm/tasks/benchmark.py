@@ -33,9 +33,9 @@ OFFLINE_SUITES = "benchmark=offline (cloze, choice) or benchmark=synthetic"
 
 def validate(cfg: DictConfig) -> Dict[str, Any]:
     """Check the suite, the estimator and the sampler settings; return the sampler overrides."""
-    from ldm.benchmark.elbo import check_estimator_args
-    from ldm.benchmark.generation import SAMPLER_FIELDS, sampler_settings
-    from ldm.benchmark.suites import check_task_names
+    from ldm.harness.elbo import check_estimator_args
+    from ldm.harness.generation import SAMPLER_FIELDS, sampler_settings
+    from ldm.harness.suites import check_task_names
 
     b = cfg.benchmark
     tasks = check_task_names(list(b.tasks), b.hub)
@@ -80,7 +80,7 @@ def suite_sampler(cfg: DictConfig) -> str:
 
 def check_suite_data(cfg: DictConfig) -> None:
     """Raise ConfigError unless the dataset suits the offline tasks (after the export's groups)."""
-    from ldm.benchmark.suites import TEXT_TASKS
+    from ldm.harness.suites import TEXT_TASKS
 
     b, tasks = cfg.benchmark, list(cfg.benchmark.tasks)
     if not b.hub:
@@ -105,7 +105,7 @@ def require_lm_eval() -> None:
 
 def build_offline_suite(cfg: DictConfig, ckpt, tok, folder: Path) -> Path:
     """Build the offline tasks from the prepared test split into `folder`; return it."""
-    from ldm.benchmark.suites import (TEXT_TASKS, build_synthetic_items, build_text_items,
+    from ldm.harness.suites import (TEXT_TASKS, build_synthetic_items, build_text_items,
                                       write_suite)
     from ldm.data.store import load_prepared
     from ldm.tasks.prepared import check_data_vocabulary, prepare_command, prepared_data_dir
@@ -164,7 +164,7 @@ def headline(results: Dict[str, Any], tasks: List[str]) -> tuple:
 
 def run(cfg: DictConfig) -> float:
     """Run the benchmark suite on the checkpoint; return the headline metric (higher is better)."""
-    from ldm.benchmark.suites import HARNESS_NAMES
+    from ldm.harness.suites import HARNESS_NAMES
     from ldm.hub import require_hub
     from ldm.tasks.checkpoints import resolve_checkpoint, with_export_groups
     from ldm.tasks.common import check_tracking, open_tracker, run_dir
@@ -191,7 +191,7 @@ def run(cfg: DictConfig) -> float:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from ldm.benchmark.adapter import LdmLM
+    from ldm.harness.adapter import LdmLM
 
     # offline suites need none of the harness's own tasks (indexing them takes many seconds)
     manager = TaskManager(include_path=str(include) if include else None,
@@ -253,5 +253,10 @@ def run(cfg: DictConfig) -> float:
               f"pretrained={ckpt.where},mc_num={b.mc_num},sampler={suite_sampler(cfg)}"
               f"{',chat=true' if b.get('chat') else ''} "
               f"--tasks {','.join(tasks)} --include_path {include}")
+        from ldm.harness.plugin import registration_note
+
+        note = registration_note()
+        if note:
+            print(f"note: {note}")
     print(f"headline {name} = {value:.4f} (higher is better)")
     return float(value)

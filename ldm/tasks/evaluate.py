@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> float:
     from tqdm.auto import tqdm
 
     from ldm.data.store import load_prepared
-    from ldm.evaluate import answer_all, answer_jobs, answer_metrics, fixed_batches, heldout_nelbo
+    from ldm.scoring import answer_all, answer_jobs, answer_metrics, fixed_batches, heldout_nelbo
     from ldm.tasks.common import open_tracker, pick_device, run_dir
     from ldm.tasks.prepared import (check_data_vocabulary, find_prepared, log_data_identity,
                                     prepare_command)

@@ -9,7 +9,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError
-from ldm.evaluate import heldout_answers
+from ldm.scoring import heldout_answers
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks.train_common import run_training
 
@@ -74,7 +74,7 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
     def factory(tokenizer, test_split, tracker, data_dir, manifest, command):
         import torch
 
-        from ldm.evaluate import answer_all, answer_jobs, answer_metrics
+        from ldm.scoring import answer_all, answer_jobs, answer_metrics
         from ldm.sampling.decode import never_emitted_ids
         from ldm.sampling.sampler import generate, hf_logits_fn
 

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 
 from ldm.config import HardwareConfig, MaskingConfig, TrainTaskConfig
 from ldm.errors import ConfigError, LdmError
-from ldm.evaluate import fixed_batches, heldout_nelbo
+from ldm.scoring import fixed_batches, heldout_nelbo
 from ldm.faults import kill_point
 from ldm.masking import normalizer_for
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap

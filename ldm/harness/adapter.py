@@ -27,12 +27,12 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry, register_model
 
-from ldm.benchmark.elbo import check_estimator_args, mc_elbo, model_logits_at
-from ldm.benchmark.generation import (SAMPLER_FIELDS, cut_at_stops, generate_batch,
-                                      sampler_settings)
 from ldm.errors import ConfigError
+from ldm.harness.elbo import check_estimator_args, mc_elbo, model_logits_at
+from ldm.harness.generation import (SAMPLER_FIELDS, cut_at_stops, generate_batch,
+                                    sampler_settings)
 
 log = logging.getLogger("ldm")
 
@@ -48,6 +48,18 @@ def _int(name: str, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r} must be an integer") from None
+
+
+def _forget_older_entry() -> None:
+    """Drop a lazy "ldm" entry naming another module than this one: the one a .pth written by an
+    older ldm registers (ldm.benchmark.adapter), which would make registering LdmLM an error."""
+    entries = getattr(model_registry, "_objs", None)
+    current = entries.get("ldm") if isinstance(entries, dict) else None
+    if isinstance(current, str) and current != f"{__name__}:LdmLM":
+        del entries["ldm"]
+
+
+_forget_older_entry()
 
 
 @register_model("ldm")

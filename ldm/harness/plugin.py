@@ -4,10 +4,16 @@ lm-eval 0.4 finds models only in its own registry (there is no entry-point group
 and the `lm_eval` command imports nothing of ours. So `make` installs `ldm_lm_eval.pth` into the
 environment's site-packages; Python runs its one line at start-up. The line costs nothing until
 lm-eval is imported: it adds an import hook that, right after `lm_eval.api.registry` loads,
-registers "ldm" as a lazy entry (`ldm.benchmark.adapter:LdmLM`, imported only when used), after
+registers "ldm" as a lazy entry (`ldm.harness.adapter:LdmLM`, imported only when used), after
 the harness's own models. If ldm is not importable then, the name is simply unknown.
 
-    python -m ldm.benchmark.plugin            # install into this interpreter's site-packages
+A .pth written by an older ldm names the adapter where it was then (`ldm.benchmark.adapter`).
+It breaks nothing at start-up or when lm-eval loads (the line imports nothing of ours and the
+entry is lazy), and importing the adapter (task=benchmark does) replaces that entry; only the
+`lm_eval --model ldm` command then fails to import the old module. Writing the file again fixes
+it: `make` does whenever this file changes, and task=benchmark prints `registration_note()`.
+
+    python -m ldm.harness.plugin            # install into this interpreter's site-packages
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import sysconfig
 from pathlib import Path
 
 PTH_NAME = "ldm_lm_eval.pth"
-TARGET = "ldm.benchmark.adapter:LdmLM"
+TARGET = "ldm.harness.adapter:LdmLM"
 
 _HOOK = '''
 import sys
@@ -48,6 +54,17 @@ sys.meta_path.insert(0, _LdmLmEvalHook())
 def pth_line() -> str:
     """Return the one line of ldm_lm_eval.pth (a .pth runs lines that start with `import`)."""
     return f"import sys; exec({_HOOK!r})\n"
+
+
+def registration_note(site_packages: Path | None = None) -> str | None:
+    """Return one line saying how to fix `lm_eval --model ldm` when this interpreter's .pth is
+    missing or registers another adapter than TARGET (written by an older ldm); else None."""
+    path = Path(site_packages or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    if path.is_file() and path.read_text() == pth_line():
+        return None
+    state = "names an older adapter module" if path.is_file() else "is not installed"
+    return (f"{path} {state}, so `lm_eval --model ldm` cannot find this adapter; run "
+            "`python -m ldm.harness.plugin` (make does)")
 
 
 def install(site_packages: Path | None = None) -> Path:

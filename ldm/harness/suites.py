@@ -80,7 +80,7 @@ generation_kwargs:
   until: ["\\n\\n"]
   max_gen_toks: {max_gen_toks}
   ldm_chat: true
-process_results: !function ldm.benchmark.scoring.process_synthetic
+process_results: !function ldm.harness.scoring.process_synthetic
 metric_list:
   - metric: exact_match
     aggregation: mean
@@ -231,7 +231,7 @@ def build_synthetic_items(test_split, manifest: dict, tok, count: int, data_dir:
                           command: str, max_new_tokens: int,
                           max_positions: Optional[int]) -> List[Dict]:
     """Return {prompt, task, answer} of the held-out synthetic examples task=evaluate answers."""
-    from ldm.evaluate import heldout_answers, synthetic_examples
+    from ldm.scoring import heldout_answers, synthetic_examples
 
     pairs = heldout_answers(test_split, count)
     longest = max((len(p) for p, _ in pairs), default=0)
