@@ -151,3 +151,17 @@ def test_the_pth_registers_the_harness_adapter_and_an_older_one_breaks_nothing(t
     install(tmp_path)
     assert registration_note(tmp_path) is None
     assert _registered_target(tmp_path) == TARGET
+
+
+def test_every_sampler_preset_keeps_its_rule_cache_and_gamma_in_the_harness():
+    """The harness builds its settings from the preset files: no field may be dropped on the way
+    (a dropped `cache` silently ran fast_dual without its cache; a dropped `gamma` made
+    entropy_bound unusable)."""
+    from ldm.harness.generation import sampler_presets, sampler_settings
+    from ldm.sampling.settings import load_preset
+
+    for name in sampler_presets():
+        preset, settings = load_preset(name), sampler_settings(name)
+        for field in ("rule", "cache", "gamma", "threshold", "remasking"):
+            if field in preset:
+                assert getattr(settings, field) == preset[field], (name, field)

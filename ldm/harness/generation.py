@@ -9,7 +9,7 @@ from ldm.errors import ConfigError
 from ldm.sampling.settings import SamplerSettings
 
 SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k",
-                  "top_p", "cfg_scale", "threshold", "early_stop", "rule")
+                  "top_p", "cfg_scale", "threshold", "early_stop", "rule", "gamma", "cache")
 
 
 def sampler_presets() -> List[str]:
