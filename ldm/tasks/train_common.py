@@ -11,8 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LdmError
 from ldm.files import atomic_write_text
-from ldm.masking import normalizer_for
-from ldm.train.loop import LoopConfig
+from ldm.train.settings import LoopConfig
 
 log = logging.getLogger("ldm")
 
@@ -29,37 +28,6 @@ def check_writable(folder: str | Path, what: str) -> None:
     except OSError as err:
         raise LdmError(f"{what} {folder} is not writable ({err.strerror}); "
                        "fix its permissions or set paths.outputs / LDM_OUTPUTS elsewhere") from err
-
-
-def loop_config(cfg: DictConfig, mask_id: int, padding: Optional[str] = None) -> LoopConfig:
-    """Return the loop's plain settings from the task, hardware and masking groups.
-
-    `padding` is the prepared rows' layout (task.group_by_length=null follows it: on for batch);
-    before the epochs fix task.max_steps (null), it stands at 1 for the checks.
-    """
-    from ldm.train.data import resolve_accumulation
-
-    task, hw, masking = cfg.task, cfg.hardware, cfg.masking
-    group = task.get("group_by_length")
-    return LoopConfig(
-        max_steps=task.max_steps if task.max_steps is not None else 1,
-        global_batch_size=task.global_batch_size, micro_batch_size=hw.micro_batch_size,
-        accumulation=resolve_accumulation(hw.gradient_accumulation_steps, task.global_batch_size,
-                                          hw.micro_batch_size, hw.num_processes),
-        mask_id=mask_id, lr=task.lr, weight_decay=task.weight_decay,
-        no_decay=list(task.no_decay), betas=list(task.betas), adam_eps=task.adam_eps,
-        lr_schedule=task.lr_schedule, warmup_steps=task.warmup_steps,
-        min_lr_ratio=task.min_lr_ratio, grad_clip=task.grad_clip, log_every=task.log_every,
-        eval_every=task.eval_every, eval_batches=task.eval_batches,
-        eval_t_grid=task.eval_t_grid, eval_mc_samples=task.eval_mc_samples, save_every=task.save_every, keep_last=task.keep_last,
-        export_every=task.export_every, schedule=masking.schedule,
-        time_sampling=masking.time_sampling, eps=masking.eps,
-        normalizer=normalizer_for(masking.normalizer, cfg.dataset.kind), seed=cfg.seed,
-        mixed_precision=hw.mixed_precision, cpu=hw.accelerator == "cpu",
-        skip_nonfinite=task.skip_nonfinite, sparse_logits=task.sparse_logits,
-        compile=cfg.hardware.compile, max_minutes=task.get("max_minutes"),
-        group_by_length=(padding == "batch") if group is None else bool(group),
-    )
 
 
 def accelerate_settings(cfg: DictConfig) -> dict:
@@ -204,7 +172,7 @@ def check_training(cfg: DictConfig, kind: str) -> dict:
     from ldm.tasks.launch import schedule_source
 
     schedule_source(cfg)
-    validate(loop_config(cfg, 0), cfg.hardware.num_processes)
+    validate(LoopConfig.from_cfg(cfg, 0), cfg.hardware.num_processes)
     from ldm.tasks.launch import check_machines
 
     check_machines(cfg)
@@ -268,7 +236,7 @@ def run_training(cfg: DictConfig, *, kind: str, collate_for, on_eval_for=None,
     if cfg.init_from and is_local(cfg.init_from):
         check_same_vocabulary(load_tokenizer(cfg.init_from), tokenizer, cfg.init_from, data_dir, command)
     resolve_schedule(cfg, len(splits["train"]))
-    loop_cfg = loop_config(cfg, tokenizer.mask_token_id, manifest.get("padding"))
+    loop_cfg = LoopConfig.from_cfg(cfg, tokenizer.mask_token_id, manifest.get("padding"))
     validate(loop_cfg, cfg.hardware.num_processes)
     if needs_launch(cfg):
         return relaunch(cfg)

@@ -15,7 +15,6 @@ import logging
 import math
 import pickle
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -23,72 +22,21 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from ldm.config import HardwareConfig, MaskingConfig, TrainTaskConfig
 from ldm.errors import ConfigError, LdmError
 from ldm.evaluate import fixed_batches, heldout_nelbo
 from ldm.faults import kill_point
-from ldm.masking import normalizer_for
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
 from ldm.train.distributed import (check_deepspeed, export_main, fit_sharding, joined_line,
                                   keep_fp32_buffers)
 from ldm.train.objective import check_normalizer, diffusion_step
+from ldm.train.settings import LoopConfig
 from ldm.train.update import apply_update
 
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
-
-
-# LoopConfig's defaults are the typed schema's (conf is read only by tasks/; these are values)
-_TASK, _MASKING, _HARDWARE = TrainTaskConfig(), MaskingConfig(), HardwareConfig()
-
-
-@dataclass
-class LoopConfig:
-    """Everything the loop needs, as plain values (the task fills it from the Hydra config).
-
-    Defaults have one source, the schema in ldm/config.py: a field left out here means the same
-    as the setting left out of the config.
-    """
-
-    max_steps: int
-    global_batch_size: int
-    micro_batch_size: int
-    accumulation: int
-    mask_id: int
-    lr: float = _TASK.lr
-    weight_decay: float = _TASK.weight_decay
-    no_decay: Sequence[str] = tuple(_TASK.no_decay)
-    betas: Sequence[float] = tuple(_TASK.betas)
-    adam_eps: float = _TASK.adam_eps
-    lr_schedule: str = _TASK.lr_schedule
-    warmup_steps: int = _TASK.warmup_steps
-    min_lr_ratio: float = _TASK.min_lr_ratio
-    grad_clip: float = _TASK.grad_clip
-    log_every: int = _TASK.log_every
-    eval_every: int = _TASK.eval_every
-    eval_batches: int = _TASK.eval_batches
-    eval_t_grid: int = _TASK.eval_t_grid
-    eval_mc_samples: int = _TASK.eval_mc_samples
-    save_every: int = _TASK.save_every
-    keep_last: int = _TASK.keep_last
-    export_every: int = _TASK.export_every
-    schedule: str = _MASKING.schedule
-    time_sampling: str = _MASKING.time_sampling
-    eps: float = _MASKING.eps
-    normalizer: str = normalizer_for(_MASKING.normalizer, "text")
-    seed: int = 0
-    mixed_precision: str = _HARDWARE.mixed_precision
-    cpu: bool = _HARDWARE.accelerator == "cpu"
-    skip_nonfinite: bool = _TASK.skip_nonfinite
-    sparse_logits: bool = _TASK.sparse_logits
-    compile: bool = False
-    max_minutes: Optional[float] = None  # time cap on training; stops like a reached target
-    group_by_length: bool = False  # length-grouped batches (rows need a `length` column)
-    progress: bool = True
-    extra_state: Dict[str, object] = field(default_factory=dict)
 
 
 def lr_factor(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -131,14 +79,14 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (every device) so model initialisation is reproducible."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import set_seed  # lazy: accelerate is slow to import (startup)
 
     set_seed(seed)
 
 
 def make_accelerator(cfg: LoopConfig):
     """Return the Accelerator for this run (device, mixed precision, accumulation)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # lazy: accelerate is slow to import (startup)
 
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"hardware.mixed_precision={cfg.mixed_precision!r}; accepted: no, bf16, fp16")
