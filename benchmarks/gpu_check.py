@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.model import SparseMaskedLM, load_model  # noqa: E402
-from ldm.sampling.sampler import generate, hf_logits_fn  # noqa: E402
+from ldm.sampling.sampler import generate, sampler_model  # noqa: E402
 from ldm.sampling.settings import SamplerSettings  # noqa: E402
 from ldm.train.loop import make_optimizer  # noqa: E402
 from ldm.train.objective import diffusion_step  # noqa: E402
@@ -202,7 +202,7 @@ def sampling_speed(model, shape: dict, device: str, bf16: bool, reps: int = 5) -
             sync(device)
             start = time.perf_counter()
             with autocast():
-                result = generate(hf_logits_fn(model), prompts, settings[preset], **kwargs)
+                result = generate(sampler_model(model), prompts, settings[preset], **kwargs)
             sync(device)
             if rep:
                 times[preset].append(time.perf_counter() - start)

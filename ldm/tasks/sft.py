@@ -16,7 +16,7 @@ from ldm.export import read_export
 from ldm.hub import is_local
 from ldm.sampling.cache import check_cache_family
 from ldm.sampling.decode import never_emitted_ids
-from ldm.sampling.sampler import generate, hf_logits_fn
+from ldm.sampling.sampler import generate, sampler_model
 from ldm.sampling.settings import SamplerSettings
 from ldm.tasks import hint
 from ldm.tasks.train_common import run_training
@@ -88,7 +88,7 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
         settings.check_prompt(max(lengths), "the longest held-out prompt the run answers")
 
         def samples(mlm, step: int) -> None:
-            result = generate(hf_logits_fn(mlm), [p for p, _ in prompts], settings,
+            result = generate(sampler_model(mlm), [p for p, _ in prompts], settings,
                               mask_id=tokenizer.mask_token_id, eos_id=tokenizer.eos_token_id,
                               special_ids=never_emitted_ids(tokenizer, mlm.config.vocab_size),
                               pad_id=tokenizer.pad_token_id,
