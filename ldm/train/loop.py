@@ -122,6 +122,7 @@ class Window:
     began: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, masked: float, tokens: int, answer: int) -> None:
+        """Count one applied step's figures."""
         self.loss += loss
         self.masked += masked
         self.steps += 1
