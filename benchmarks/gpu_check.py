@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ldm.model import SparseMaskedLM, load_model
-from ldm.sampling.sampler import generate, hf_logits_fn
+from ldm.sampling.sampler import generate, sampler_model
 from ldm.sampling.settings import SamplerSettings, load_preset
 from ldm.train.loop import make_optimizer
 from ldm.train.objective import diffusion_step
@@ -160,7 +160,7 @@ def sampling_speed(model, shape: dict, device: str, bf16: bool, reps: int = 5) -
             sync(device)
             start = time.perf_counter()
             with autocast():
-                result = generate(hf_logits_fn(model), prompts, settings[preset], **kwargs)
+                result = generate(sampler_model(model), prompts, settings[preset], **kwargs)
             sync(device)
             if rep:
                 times[preset].append(time.perf_counter() - start)

@@ -170,10 +170,10 @@ def measure(model, tok, jobs, settings, batch: int, seed: int) -> dict:
     """Answer every job once; return seconds, tokens, exact matches, NFE and FLOPs."""
     import torch
 
-    from ldm.sampling import SamplerSettings, generate, hf_logits_fn
+    from ldm.sampling import SamplerSettings, generate, sampler_model
     from ldm.sampling.decode import never_emitted_ids
 
-    fn = hf_logits_fn(model)
+    fn = sampler_model(model)
     settings = SamplerSettings.from_config(settings, model.config.max_position_embeddings)
     banned = never_emitted_ids(tok, model.config.vocab_size)
     seconds = tokens = decoded = correct = nfe = flops = 0.0
@@ -305,7 +305,7 @@ def short_exact(export: Path, args, prompts: int = 40) -> str:
     import torch
 
     from ldm.model import load_model
-    from ldm.sampling import SamplerSettings, generate, hf_logits_fn
+    from ldm.sampling import SamplerSettings, generate, sampler_model
     from ldm.sampling.decode import never_emitted_ids
     from ldm.sampling.prompts import Prompt, encode_prompt
     from ldm.tokenizer import load_tokenizer
@@ -318,7 +318,7 @@ def short_exact(export: Path, args, prompts: int = 40) -> str:
     with torch.inference_mode():
         for ex in open_examples(prompts, 20_000 + args.seed, args.tasks):
             ids = encode_prompt(tok, Prompt(ex["messages"][0]["content"]), True)
-            result = generate(hf_logits_fn(model), [ids], SamplerSettings.from_config(node),
+            result = generate(sampler_model(model), [ids], SamplerSettings.from_config(node),
                               mask_id=tok.mask_token_id, eos_id=tok.eos_token_id,
                               special_ids=banned, pad_id=tok.pad_token_id, record_history=False)
             answer = tok.decode(result.tokens[0], skip_special_tokens=True).strip()
@@ -384,14 +384,16 @@ def full_forward_ms(model, canvas, max_new: int, calls: int = 3) -> dict:
     and through BlockCache's layer loop (the forward that starts each cached block)."""
     import torch
 
-    from ldm.sampling.cache import BlockCache, block_logits
+    from ldm.sampling.cache import BlockCache
+    from ldm.sampling.model import sampler_model
 
     attn = torch.ones_like(canvas)
     rows = torch.arange(canvas.shape[0])
     lo = canvas.shape[1] - max_new
     hi = lo + min(32, max_new)  # the presets' first block
-    cache = BlockCache(model, "dual", canvas.shape[0])
-    paths = {"transformers": lambda block: block_logits(model, canvas, attn, lo, hi),
+    sampled = sampler_model(model)
+    cache = BlockCache(sampled, "dual", canvas.shape[0])
+    paths = {"transformers": lambda block: sampled.block_logits(canvas, attn, lo, hi),
              "cache": lambda block: cache.logits(canvas, attn, rows, lo, hi, block)}
     times = {path: [] for path in paths}
     for call in range(calls):

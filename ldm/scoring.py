@@ -318,9 +318,9 @@ def answer_all(model, tok, jobs: List[dict], settings, *, mask_id: int,
 
     from ldm.data import synthetic
     from ldm.sampling.decode import never_emitted_ids
-    from ldm.sampling.sampler import generate, hf_logits_fn
+    from ldm.sampling.sampler import generate, sampler_model
 
-    logits_fn = hf_logits_fn(model)
+    logits_fn = sampler_model(model)
     factor = 2 if settings.cfg_scale > 0 else 1
     records = []
     starts = range(0, len(jobs), batch_size)

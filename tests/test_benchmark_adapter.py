@@ -48,14 +48,14 @@ def request(kind, *args):
 
 def test_is_greedy_is_true_exactly_for_what_greedy_decoding_produces(export):
     from ldm.harness.generation import generate_batch, sampler_settings
-    from ldm.sampling.sampler import hf_logits_fn
+    from ldm.sampling.sampler import sampler_model
 
     lm = make(export)
     context = "the king spoke to the"
     ids = lm.encode(context)
     settings = sampler_settings("llada", {"temperature": 0.0, "early_stop": False},
                                 max_new_tokens=3)
-    (decoded,) = generate_batch(hf_logits_fn(lm.model), lm.tok, [ids], settings,
+    (decoded,) = generate_batch(sampler_model(lm.model), lm.tok, [ids], settings,
                                 mask_id=lm.mask_id, seed=0, device="cpu")
     other = [t for t in range(10, 300) if t not in decoded["tokens"]][:3]
     (_, hit), (_, miss) = lm.score_pairs([(ids, decoded["tokens"]), (ids, other)])

@@ -215,7 +215,7 @@ def test_lm_eval_local_chat_completions_against_the_api_scores_task_evaluates_ex
     from test_serve import free_port
 
     from ldm.export import read_export
-    from ldm.sampling import hf_logits_fn
+    from ldm.sampling import sampler_model
     from ldm.sampling.decode import chat_banned_ids
     from ldm.serve.api import ChatApi, Running, build_api
     from ldm.serve.batcher import Batcher
@@ -234,12 +234,12 @@ def test_lm_eval_local_chat_completions_against_the_api_scores_task_evaluates_ex
     model = export.load_model()
     presets = load_presets(REPO / "conf" / "sampler")
     presets["llada"].max_new_tokens, presets["llada"].block_length = 8, 8  # as SAMPLER
-    batcher = Batcher(hf_logits_fn(model), tok, mask_id=export.mask_id,
+    batcher = Batcher(sampler_model(model), tok, mask_id=export.mask_id,
                       special_ids=chat_banned_ids(tok, model.config.vocab_size))
     port = free_port()
     server = Running(build_api(ChatApi(batcher, tok, presets, "llada", model_id="chat",
                                        max_positions=export.max_positions,
-                                       model_fn=hf_logits_fn(model))), "127.0.0.1", port)
+                                       model_fn=sampler_model(model))), "127.0.0.1", port)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions",

@@ -9,8 +9,9 @@ from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilB
                           ModernBertConfig, ModernBertForMaskedLM)
 
 from ldm.errors import ConfigError
-from ldm.sampling import SamplerSettings, generate, hf_logits_fn
-from ldm.sampling.cache import BlockCache, check_cache_family, true_positions
+from ldm.sampling import SamplerSettings, generate, sampler_model
+from ldm.sampling.cache import BlockCache, check_cache_family
+from ldm.sampling.model import true_positions
 
 PAD, UNK, CLS, EOS, MASK = 0, 1, 2, 3, 4
 IDS = dict(mask_id=MASK, eos_id=EOS, special_ids=[PAD, UNK, CLS, EOS, MASK], pad_id=PAD)
@@ -46,7 +47,7 @@ def padded_batch(seed: int = 2, padded: bool = True):
 
 def plain(model):
     """The uncached reference: the whole model, full logits, no access to its layers."""
-    fn = hf_logits_fn(model)
+    fn = sampler_model(model)
     return lambda ids, attn: fn(ids, attn)
 
 
@@ -202,7 +203,7 @@ def test_a_cached_step_computes_only_its_positions(family, mode, recomputed):
 def test_uncached_sampler_runs_the_head_on_the_current_block_only(family):
     model = tiny(family)
     counts, _ = count_positions(model, family)
-    result = generate(hf_logits_fn(model), prompts(),
+    result = generate(sampler_model(model), prompts(),
                       SamplerSettings(max_new_tokens=16, steps=16, block_length=8,
                                       early_stop=False), **IDS)
     assert counts["head"] == sum(8 * 3 for _ in range(result.nfe))  # 3 rows x block of 8
@@ -216,7 +217,7 @@ def test_sampler_with_cache_refreshed_every_step_answers_as_uncached(family, mod
     settings = dict(max_new_tokens=16, steps=16, block_length=8, threshold=0.2,
                     cfg_scale=cfg_scale)
     want = generate(plain(model), prompts(), SamplerSettings(**settings), **IDS)
-    got = generate(hf_logits_fn(model), prompts(),
+    got = generate(sampler_model(model), prompts(),
                    SamplerSettings(cache=mode, cache_refresh_every_step=True, **settings), **IDS)
     assert got.tokens == want.tokens
     assert got.nfe == want.nfe
@@ -241,9 +242,9 @@ def test_sampler_answers_the_same_whether_finished_rows_are_retired_or_gathered(
         held.append(cache.keys[0].shape[0])
 
     monkeypatch.setattr(BlockCache, "retire", spy)
-    retired = generate(hf_logits_fn(model), prompts(), settings, **IDS)
+    retired = generate(sampler_model(model), prompts(), settings, **IDS)
     monkeypatch.setattr(BlockCache, "retire", lambda cache, done: None)
-    gathered = generate(hf_logits_fn(model), prompts(), settings, **IDS)
+    gathered = generate(sampler_model(model), prompts(), settings, **IDS)
     assert min(held) < 3  # some rows finished early and were retired
     assert retired.tokens == gathered.tokens
     assert [s.committed.tolist() for s in retired.history] == \
@@ -255,8 +256,8 @@ def test_sampler_answers_the_same_whether_finished_rows_are_retired_or_gathered(
 def test_dual_cache_makes_fewer_flops_than_uncached(family):
     model = tiny(family)
     settings = dict(max_new_tokens=16, steps=16, block_length=8)
-    none = generate(hf_logits_fn(model), prompts(), SamplerSettings(**settings), **IDS)
-    dual = generate(hf_logits_fn(model), prompts(), SamplerSettings(cache="dual", **settings),
+    none = generate(sampler_model(model), prompts(), SamplerSettings(**settings), **IDS)
+    dual = generate(sampler_model(model), prompts(), SamplerSettings(cache="dual", **settings),
                     **IDS)
     assert none.nfe == dual.nfe == 16  # one token per step (llada), 2 blocks
     assert dual.flops < 0.6 * none.flops
@@ -268,7 +269,7 @@ def test_cache_is_refused_for_a_family_without_support():
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1,
                                                    n_heads=2, hidden_dim=64)).eval()
     with pytest.raises(ConfigError, match=r"sampler.cache='dual'.*bert, modernbert.*'distilbert'"):
-        generate(hf_logits_fn(model), prompts(),
+        generate(sampler_model(model), prompts(),
                  SamplerSettings(max_new_tokens=8, steps=8, block_length=8, cache="dual"), **IDS)
     check_cache_family("none", "distilbert")  # uncached sampling works for every family
     with pytest.raises(ConfigError, match="sampler.cache='full'.*none, prefix, dual"):
@@ -320,6 +321,15 @@ def test_entropy_bound_commits_the_most_confident_while_summed_entropy_stays_und
     assert result.tokens[0] == [10 + j for j in range(8)]
     tight = generate(Peaked(peaks), [[7, 8, 9]], SamplerSettings(gamma=1e-6, **settings), **IDS)
     assert tight.nfe == 8  # always at least one commit per step, never more beyond the bound
+
+
+def test_the_cache_runs_the_head_of_the_sampler_model_it_is_given():
+    model = tiny("bert")
+    sampled = sampler_model(model)
+    assert BlockCache(sampled, "dual", 3).head is sampled.head
+    ids, attn = padded_batch(padded=True)
+    full = sampled(ids, attn)[:, 10:20]
+    assert torch.allclose(sampled.block_logits(ids, attn, 10, 20), full, atol=1e-5)
 
 
 def test_true_positions_count_from_the_first_real_token():

@@ -222,7 +222,8 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ldm.tracking import Tracker
 from ldm.train.data import packed_collate
-from ldm.train.loop import LoopConfig, make_accelerator, train
+from ldm.train.loop import make_accelerator, train
+from ldm.train.settings import LoopConfig
 
 out = Path(sys.argv[1])
 cfg = LoopConfig(max_steps=3, global_batch_size=8, micro_batch_size=2, accumulation=2, mask_id=1,

@@ -16,7 +16,8 @@ from ldm.errors import ConfigError
 from ldm.tasks.chain_summary import goal_line, training_line
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import packed_collate
-from ldm.train.loop import LoopConfig, train, validate
+from ldm.train.loop import train, validate
+from ldm.train.settings import LoopConfig
 
 
 class Recorder:

@@ -136,7 +136,7 @@ def test_benchmark_step_flops_count_a_sliding_layer_at_its_window():
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
 def test_padded_embedding_rows_are_never_sampled(family, tmp_path):
-    from ldm.sampling.sampler import generate, hf_logits_fn
+    from ldm.sampling.sampler import generate, sampler_model
     from ldm.sampling.settings import SamplerSettings
     from ldm.tokenizer import add_chat_template, load_tokenizer
 
@@ -155,7 +155,7 @@ def test_padded_embedding_rows_are_never_sampled(family, tmp_path):
     # the banned set the tasks pass today (specials only): hot sampling still never reaches them
     prompt = tok("the king spoke to the queen")["input_ids"]
     settings = SamplerSettings(max_new_tokens=32, steps=32, block_length=32, temperature=5.0)
-    result = generate(hf_logits_fn(model), [prompt] * 4, settings, mask_id=tok.mask_token_id,
+    result = generate(sampler_model(model), [prompt] * 4, settings, mask_id=tok.mask_token_id,
                       eos_id=tok.eos_token_id, special_ids=tok.all_special_ids,
                       pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
     assert int(result.answer.max()) < len(tok), "a padding row was sampled"

@@ -19,7 +19,7 @@ from conftest import CONF, REPO, compose_config
 from ldm.errors import ConfigError
 from ldm.train.data import check_batch_layout
 from ldm.train.distributed import check_world_size, fit_sharding, layers_to_wrap
-from ldm.train.loop import LoopConfig
+from ldm.train.settings import LoopConfig
 
 PRESETS = sorted(p.stem for p in (CONF / "hardware").glob("*.yaml"))
 RECIPE_GLOBAL_BATCH = 256  # the original recipe's sequences per optimizer step

@@ -15,8 +15,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path, modules: Set[str]) -> Set[str]:
-    """Return the ldm modules `path` imports anywhere (top level or inside a function)."""
+def imports_of(path: Path, modules: Set[str], typing: bool = False) -> Set[str]:
+    """Return the ldm modules `path` imports anywhere (top level or inside a function); with
+    `typing`, also those imported under `if TYPE_CHECKING:` only."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
     # imports under `if TYPE_CHECKING:` never run, so they are no edge of the import graph
@@ -25,7 +26,7 @@ def imports_of(path: Path, modules: Set[str]) -> Set[str]:
                    for stmt in block.body for n in ast.walk(stmt)}
     found: Set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:
+        if id(node) in typing_only and not typing:
             continue
         names: List[str] = []
         if isinstance(node, ast.Import):
@@ -47,12 +48,24 @@ def imports_of(path: Path, modules: Set[str]) -> Set[str]:
     return found
 
 
-def import_graph() -> Dict[str, Set[str]]:
+def import_graph(typing: bool = False) -> Dict[str, Set[str]]:
     files = {module_name(p): p for p in LDM.rglob("*.py")}
     modules = set(files)
     # a package's __init__ running is part of importing any of its modules, not an edge of ours
-    return {m: {d for d in imports_of(p, modules) if not m.startswith(d + ".")}
+    return {m: {d for d in imports_of(p, modules, typing) if not m.startswith(d + ".")}
             for m, p in files.items()}
+
+
+def reachable(graph: Dict[str, Set[str]], start: str) -> Set[str]:
+    """Return every module that importing `start` imports, directly or through others."""
+    seen: Set[str] = set()
+    todo = [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
 
 
 def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
@@ -85,6 +98,17 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
 def test_no_module_of_ldm_imports_one_that_imports_it():
     cycle = find_cycle(import_graph())
     assert not cycle, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_training_modules_form_no_circle_even_in_type_hints_and_never_import_the_config():
+    # ldm.config registers Hydra's schemas when imported: the loop takes plain values
+    graph = import_graph(typing=True)
+    train = {m: deps & {d for d in graph if d.startswith("ldm.train")}
+             for m, deps in graph.items() if m.startswith("ldm.train")}
+    cycle = find_cycle(train)
+    assert not cycle, "import circle in ldm/train: " + " -> ".join(cycle)
+    for module in train:
+        assert "ldm.config" not in reachable(graph, module), f"{module} imports ldm.config"
 
 
 def test_the_cycle_finder_finds_a_circle_through_three_modules():

@@ -153,15 +153,37 @@ def test_the_loss_normaliser_has_one_source_with_a_default_per_data_kind():
 def test_loop_defaults_are_the_schema_defaults():
     from dataclasses import fields
 
-    from ldm.config import TrainTaskConfig
-    from ldm.train.loop import LoopConfig
+    from ldm.config import HardwareConfig, MaskingConfig, TrainTaskConfig
+    from ldm.masking import normalizer_for
+    from ldm.train.settings import LoopConfig
 
-    task = TrainTaskConfig()
     loop = LoopConfig(max_steps=1, global_batch_size=1, micro_batch_size=1, accumulation=1,
                       mask_id=0)
-    shared = {f.name for f in fields(LoopConfig)} & {f.name for f in fields(TrainTaskConfig)}
-    assert {"warmup_steps", "eval_every", "save_every", "eval_mc_samples"} <= shared
-    # group_by_length: the schema's null (follow the data's padding) is resolved to a bool
-    for name in shared - {"max_steps", "global_batch_size", "group_by_length"}:
-        ours, theirs = getattr(loop, name), getattr(task, name)
-        assert (list(ours) if isinstance(ours, tuple) else ours) == theirs, name
+    ours = {f.name for f in fields(LoopConfig)}
+    checked = set()
+    for schema in (TrainTaskConfig(), MaskingConfig(), HardwareConfig()):
+        shared = ours & {f.name for f in fields(schema)}
+        # max_steps, global_batch_size, micro_batch_size: required here; group_by_length: the
+        # schema's null (follow the data's padding) is resolved to a bool; normalizer: below
+        for name in shared - {"max_steps", "global_batch_size", "micro_batch_size",
+                              "group_by_length", "normalizer"}:
+            value, theirs = getattr(loop, name), getattr(schema, name)
+            assert (list(value) if isinstance(value, tuple) else value) == theirs, name
+            checked.add(name)
+    assert {"warmup_steps", "eval_every", "save_every", "eval_mc_samples", "schedule", "eps",
+            "mixed_precision", "compile"} <= checked
+    assert loop.normalizer == normalizer_for(MaskingConfig().normalizer, "text")
+    assert loop.cpu == (HardwareConfig().accelerator == "cpu")
+
+
+def test_loop_settings_take_the_config_settings_of_the_same_name(make_config):
+    from ldm.train.settings import LoopConfig
+
+    cfg = make_config("task=sft", "dataset=construction_faq", "task.lr=3e-4",
+                      "task.betas=[0.8,0.95]", "masking.eps=0.01", "hardware.mixed_precision=bf16",
+                      "task.max_steps=null", "task.group_by_length=null", "seed=5")
+    loop = LoopConfig.from_cfg(cfg, mask_id=7, padding="batch")
+    assert (loop.lr, loop.betas, loop.eps, loop.mixed_precision) == (3e-4, [0.8, 0.95], 0.01,
+                                                                     "bf16")
+    assert (loop.mask_id, loop.max_steps, loop.seed, loop.normalizer) == (7, 1, 5, "sequence")
+    assert loop.group_by_length and not LoopConfig.from_cfg(cfg, 7, padding="eos").group_by_length

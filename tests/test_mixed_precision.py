@@ -15,7 +15,8 @@ from ldm.errors import ConfigError
 from ldm.train.data import packed_collate
 from ldm.train.distributed import (check_deepspeed, fp32_reduce_policy, fp32_state_dict,
                                    keep_fp32_buffers)
-from ldm.train.loop import LoopConfig, lr_factor, train
+from ldm.train.loop import lr_factor, train
+from ldm.train.settings import LoopConfig
 
 STEPS, OVERFLOW_AT = 6, (2, 3)  # 1-based optimizer steps whose gradients are made infinite
 

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ldm.config import SamplerConfig
 from ldm.errors import ConfigError
-from ldm.sampling import SamplerSettings, commit_schedule, hf_logits_fn, unmask_probability
+from ldm.sampling import SamplerSettings, commit_schedule, sampler_model, unmask_probability
 from ldm.sampling import generate as generate_with
 
 PAD, UNK, CLS, EOS, MASK = 0, 1, 2, 3, 4
@@ -94,7 +94,7 @@ def tiny_bert():
         vocab_size=100,
         max_position_embeddings=128,
     )
-    return hf_logits_fn(BertForMaskedLM(config).eval())
+    return sampler_model(BertForMaskedLM(config).eval())
 
 
 def commits_per_step(result) -> list[list[int]]:
@@ -205,6 +205,19 @@ def test_mask_and_special_tokens_are_never_emitted_but_eos_is():
         )
         assert not NEVER & set(result.tokens[0])
         assert EOS in result.tokens[0]
+
+
+def test_a_bare_logits_function_is_an_opaque_model_that_samples_the_same_answers(tiny_bert):
+    from ldm.sampling import SamplerModel
+
+    opaque = SamplerModel.of(lambda ids, attn: tiny_bert(ids, attn))
+    assert tiny_bert.family == "bert" and opaque.model is None and opaque.family is None
+    kwargs = dict(max_new_tokens=8, steps=8, block_length=4, early_stop=False)
+    seen = generate(tiny_bert, [[10, 11, 12], [20]], **IDS, **kwargs)
+    unseen = generate(opaque, [[10, 11, 12], [20]], **IDS, **kwargs)
+    assert seen.tokens == unseen.tokens
+    # only the model the sampler sees into has its head run on the block alone, and its cost
+    assert seen.flops > 0 and unseen.flops == 0
 
 
 def test_tiny_bert_never_emits_mask_or_special_tokens(tiny_bert):

@@ -33,7 +33,7 @@ class Live:
     def __init__(self, export, title: str = "tiny", multi_turn=None, api_key=None,
                  window_ms: float = 20.0):
         from ldm.model import load_model
-        from ldm.sampling import hf_logits_fn
+        from ldm.sampling import sampler_model
         from ldm.sampling.decode import chat_banned_ids
         from ldm.serve.api import ChatApi, Running, build_api
         from ldm.serve.app import build_app, mount
@@ -45,7 +45,7 @@ class Live:
         self.tok = load_tokenizer(str(export))
         model = load_model("export", str(export), dtype="float32", attn_implementation="sdpa",
                            trust_remote_code=False).eval()
-        self.base_fn, self.delay, self.prompts = hf_logits_fn(model), 0.0, []
+        self.base_fn, self.delay, self.prompts = sampler_model(model), 0.0, []
         self.calls = 0
 
         def model_fn(ids, mask):
@@ -54,7 +54,7 @@ class Live:
                 time.sleep(self.delay)
             return self.base_fn(ids, mask)
 
-        model_fn.model = None  # the tests' delay needs every call to come through here
+        # a bare function is an opaque model: every call comes through here (the tests' delay)
         positions = model.config.max_position_embeddings
         self.engine = Engine(model_fn, self.tok, mask_id=self.tok.mask_token_id,
                              max_positions=positions)

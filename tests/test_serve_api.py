@@ -164,7 +164,7 @@ def test_batched_generate_answers_each_request_as_it_is_answered_alone(export, p
 
     from conftest import CONF
     from ldm.model import load_model
-    from ldm.sampling import hf_logits_fn
+    from ldm.sampling import sampler_model
     from ldm.sampling.decode import chat_banned_ids
     from ldm.serve.batcher import Batcher, Job
     from ldm.serve.settings import load_presets, page_sampler
@@ -179,7 +179,7 @@ def test_batched_generate_answers_each_request_as_it_is_answered_alone(export, p
                for t in ("the king", "night and day and the river", "ask", "lord of war")]
 
     def answers(window_s, together):
-        batcher = Batcher(hf_logits_fn(model), tok, mask_id=tok.mask_token_id,
+        batcher = Batcher(sampler_model(model), tok, mask_id=tok.mask_token_id,
                           special_ids=chat_banned_ids(tok), window_s=window_s)
         out = []
         try:

@@ -213,9 +213,9 @@ class LdmLM(LM):
 
     def greedy_matches(self, pairs: List[Tuple[List[int], List[int]]]) -> List[bool]:
         """Return whether greedy decoding of each continuation's length reproduces it."""
-        from ldm.sampling.sampler import hf_logits_fn
+        from ldm.sampling.sampler import sampler_model
 
-        model_fn = hf_logits_fn(self.model)
+        model_fn = sampler_model(self.model)
         out: List[Optional[bool]] = [None] * len(pairs)
         by_length: Dict[int, List[int]] = {}
         for i, (_, cont) in enumerate(pairs):
@@ -259,7 +259,7 @@ class LdmLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Return the sampled continuation of each context, cut at the task's stop strings."""
-        from ldm.sampling.sampler import hf_logits_fn
+        from ldm.sampling.sampler import sampler_model
 
         jobs = []
         for req in requests:
@@ -278,7 +278,7 @@ class LdmLM(LM):
             prompt = self.encode_prompt(context, chat)
             self.check_length(len(prompt) + length, "a prompt plus max_gen_toks")
             jobs.append((prompt, stops, settings))
-        model_fn = hf_logits_fn(self.model)
+        model_fn = sampler_model(self.model)
         out: List[Optional[str]] = [None] * len(jobs)
         groups: Dict[Any, List[int]] = {}
         for i, (_, _, settings) in enumerate(jobs):

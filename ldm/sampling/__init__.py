@@ -2,17 +2,18 @@
 
 The public surface: `SamplerSettings` (one frozen, validated settings object), `generate`
 (prompt + masks), `infill` (masks inside a text), `unmask_block` (the one unmasking loop both
-use, over a `Canvas`), and `hf_logits_fn` (a transformers masked LM as the model function).
+use, over a `Canvas`), and `sampler_model` (a transformers masked LM as the sampler's model, a
+`SamplerModel`; a bare logits function is taken as an opaque one).
 """
 
 from ldm.sampling.infill import InfillResult, infill
+from ldm.sampling.model import SamplerModel, sampler_model
 from ldm.sampling.sampler import (
     Canvas,
     SampleResult,
     SamplerStep,
     finished_answers,
     generate,
-    hf_logits_fn,
     unmask_block,
 )
 from ldm.sampling.schedule import commit_schedule, unmask_probability
@@ -22,13 +23,14 @@ __all__ = [
     "Canvas",
     "InfillResult",
     "SampleResult",
+    "SamplerModel",
     "SamplerSettings",
     "SamplerStep",
     "commit_schedule",
     "finished_answers",
     "generate",
-    "hf_logits_fn",
     "infill",
+    "sampler_model",
     "unmask_block",
     "unmask_probability",
 ]

@@ -15,20 +15,21 @@ their own modules (the projections, norms and MLPs of the loaded model), so fine
 are used as they are; only attention itself is recomputed, with torch's SDPA.
 
 ModernBERT: keys are kept after rotary embedding at their true positions (counted from each
-row's first real token, as `hf_logits_fn` does), sliding-window layers keep |i - j| <= window and
+row's first real token, as `sampler_model` does), sliding-window layers keep |i - j| <= window and
 global layers attend everywhere, padded keys are masked. BERT: absolute position embeddings at
 the true positions. Other families raise a ConfigError naming the ones that are supported.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.sampling.model import SamplerModel, sampler_model, true_positions
 from ldm.sampling.settings import CACHE_MODES
 
 CACHE_FAMILIES = ("bert", "modernbert")
@@ -43,26 +44,6 @@ def check_cache_family(cache: str, family: Optional[str]) -> None:
             f"sampler.cache={cache!r} needs a model family with cache support "
             f"({', '.join(CACHE_FAMILIES)}); this model is {family!r}: use sampler.cache=none"
         )
-
-
-def true_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Return [B, L] position ids counted from each row's first real token (left padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _head(model: nn.Module):
-    from ldm.model import head_transform
-
-    transform, decoder = head_transform(model), model.get_output_embeddings()
-    return lambda hidden: decoder(transform(hidden))
-
-
-def block_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 lo: int, hi: int) -> torch.Tensor:
-    """Return [B, hi - lo, V] logits of an uncached forward, the head run on [lo, hi) only."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=true_positions(attention_mask))[0]
-    return _head(model)(hidden[:, lo:hi])
 
 
 class _Family:
@@ -111,6 +92,7 @@ class _ModernBert(_Family):
         return self.model.base_model.embeddings(input_ids=ids)
 
     def qkv(self, layer, hidden, pos):
+        # lazy: transformers is slow to import (startup of everything that imports the sampler)
         from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
 
         att = layer.attn
@@ -167,12 +149,14 @@ class BlockCache:
     computed. `retire(done)` drops the entries of rows that will not be asked for again
     (finished answers), so that the others are read and written in place instead of gathered at
     every step. `positions` counts the query positions the encoder computed, `head_positions`
-    the positions the vocabulary head ran on, `flops` an estimate of both.
+    the positions the vocabulary head ran on, `flops` an estimate of both. `model` is the
+    SamplerModel (or the transformers masked LM) whose layers and head it runs.
     """
 
-    def __init__(self, model: nn.Module, mode: str, batch: int, *,
+    def __init__(self, model: Union[SamplerModel, nn.Module], mode: str, batch: int, *,
                  refresh_every_step: bool = False):
-        family = getattr(model.config, "model_type", None)
+        sampled = model if isinstance(model, SamplerModel) else sampler_model(model)
+        model, family = sampled.model, sampled.family
         check_cache_family(mode, family)
         if mode == "none":
             raise ConfigError("BlockCache needs sampler.cache=prefix or dual")
@@ -182,7 +166,7 @@ class BlockCache:
         self.model, self.mode, self.batch = model, mode, batch
         self.family = _FAMILIES[family](model)
         self.layer_list = self.family.layers()
-        self.head = _head(model)
+        self.head = sampled.head
         self.refresh_every_step = refresh_every_step
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []

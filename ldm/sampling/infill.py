@@ -15,7 +15,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 
 from ldm.errors import ConfigError
-from ldm.sampling.sampler import Canvas, LogitsFn, SamplerStep, record_steps, unmask_block
+from ldm.sampling.sampler import Canvas, ModelFn, SamplerStep, record_steps, unmask_block
 from ldm.sampling.settings import SamplerSettings
 
 
@@ -32,7 +32,7 @@ class InfillResult:
 
 @torch.inference_mode()
 def infill(
-    model_fn: LogitsFn,
+    model_fn: ModelFn,
     canvases: Sequence[Sequence[int]],
     settings: SamplerSettings,
     *,

@@ -10,20 +10,13 @@ are never changed again.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from ldm.errors import ConfigError
-from ldm.sampling.cache import (
-    BlockCache,
-    block_logits,
-    check_cache_family,
-    flops_estimate,
-    true_positions,
-)
+from ldm.sampling.cache import BlockCache, check_cache_family, flops_estimate
 from ldm.sampling.decode import (
     banned_token_mask,
     confidence,
@@ -33,10 +26,13 @@ from ldm.sampling.decode import (
     token_probability,
     uniform_like,
 )
+from ldm.sampling.model import LogitsFn, SamplerModel, sampler_model
 from ldm.sampling.schedule import commit_schedule_table, minimum_commits, unmask_probability
 from ldm.sampling.settings import SamplerSettings
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# What the sampler takes as its model: a SamplerModel (see ldm/sampling/model.py), or a bare
+# logits function, which it treats as an opaque model.
+ModelFn = Union[SamplerModel, LogitsFn]
 
 
 @dataclass
@@ -64,30 +60,9 @@ class SampleResult:
     steps_skipped: int  # steps that would have committed nothing, so ran no model call
     answer: torch.Tensor  # [B, max_new_tokens] final answer region, mask_id where never filled
     history: List[SamplerStep] = field(default_factory=list)
-    # Estimated forward FLOPs of the model calls (encoder + vocabulary head); 0 for a model
-    # function that is not a transformers masked LM (the sampler cannot see inside it).
+    # Estimated forward FLOPs of the model calls (encoder + vocabulary head); 0 for an opaque
+    # model (a bare logits function: the sampler cannot see inside it).
     flops: float = 0.0
-
-
-def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """Return a `(input_ids, attention_mask) -> logits [B, L, V]` function for a HF masked LM."""
-    try:
-        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # some wrappers hide the signature; assume HF's usual one
-        takes_positions = True
-
-    def logits_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {}
-        if takes_positions:
-            # Count positions from each row's first real token: otherwise left padding would
-            # shift every absolute position, and an answer would depend on its batch-mates.
-            kwargs["position_ids"] = true_positions(attention_mask)
-        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-
-    # The sampler reads the model behind the function to run the vocabulary head on the current
-    # block only and, with sampler.cache, to drive the layers itself (ldm.sampling.cache).
-    logits_fn.model = model if takes_positions else None
-    return logits_fn
 
 
 @dataclass
@@ -125,7 +100,7 @@ class Canvas:
 
 
 def unmask_block(
-    model_fn: LogitsFn,
+    model_fn: ModelFn,
     canvas: Canvas,
     lo: int,
     hi: int,
@@ -146,6 +121,7 @@ def unmask_block(
     that would commit nothing is skipped without a model call. `finished(ids)` returns the rows
     that are done after a step (they leave later model calls); `on_step` sees each step run.
     """
+    model = SamplerModel.of(model_fn)
     mask_id = canvas.mask_id
     fillable = canvas.attn[:, lo:hi].bool()
     masked_at_start = ((canvas.ids[:, lo:hi] == mask_id) & fillable & canvas.active[:, None]).sum(1)
@@ -169,12 +145,12 @@ def unmask_block(
             continue
 
         span = dict(rows=rows, lo=lo, hi=hi, block=block, settings=settings)
-        logits = _block_logits(model_fn, canvas, "cond", canvas.ids[rows], **span)
+        logits = _block_logits(model, canvas, "cond", canvas.ids[rows], **span)
         canvas.nfe += 1
         if settings.cfg_scale > 0 and canvas.uncond is not None:
             # The unconditional pass sees another canvas, so it keeps its own cache.
             uncond_ids = canvas.ids[rows].masked_fill(canvas.uncond[rows], mask_id)
-            uncond = _block_logits(model_fn, canvas, "uncond", uncond_ids, **span)
+            uncond = _block_logits(model, canvas, "uncond", uncond_ids, **span)
             canvas.nfe += 1
             logits = guided_logits(logits, uncond, settings.cfg_scale)
         logits = logits.masked_fill(canvas.banned(logits.shape[-1], logits.device), float("-inf"))
@@ -203,7 +179,7 @@ def unmask_block(
 
 @torch.inference_mode()
 def generate(
-    model_fn: LogitsFn,
+    model_fn: ModelFn,
     prompts: Union[Sequence[Sequence[int]], torch.Tensor],
     settings: SamplerSettings,
     *,
@@ -222,9 +198,10 @@ def generate(
     `settings` were validated when built; only the prompts' length is checked here, against
     `settings.prompt_budget`, before any model call.
     """
+    model = SamplerModel.of(model_fn)
     prompt_ids, prompt_mask = _left_padded(prompts, attention_mask, pad_id, device)
     settings.check_prompt(prompt_ids.shape[1])
-    check_model_cache(model_fn, settings)
+    check_model_cache(model, settings)
     batch, start = prompt_ids.shape
     new = settings.max_new_tokens
     answer_masks = torch.full((batch, new), mask_id, dtype=torch.long, device=prompt_ids.device)
@@ -246,7 +223,7 @@ def generate(
 
     for b in range(settings.num_blocks):
         lo = start + b * settings.block
-        unmask_block(model_fn, canvas, lo, lo + settings.block, settings.block_steps, settings,
+        unmask_block(model, canvas, lo, lo + settings.block, settings.block_steps, settings,
                      block=b, first_step=b * settings.block_steps, generator=generator,
                      finished=finished if settings.early_stop else None, on_step=record)
         if not canvas.active.any():
@@ -271,27 +248,23 @@ def generate(
     )
 
 
-def check_model_cache(model_fn: LogitsFn, settings: SamplerSettings) -> None:
+def check_model_cache(model_fn: ModelFn, settings: SamplerSettings) -> None:
     """Raise ConfigError if settings.cache needs layers the model behind `model_fn` lacks."""
     if settings.cache != "none":
-        model = getattr(model_fn, "model", None)
-        check_cache_family(settings.cache, getattr(getattr(model, "config", None), "model_type",
-                                                   None))
+        check_cache_family(settings.cache, SamplerModel.of(model_fn).family)
 
 
-def _block_logits(model_fn: LogitsFn, canvas: "Canvas", key: str, ids: torch.Tensor, *,
+def _block_logits(model: SamplerModel, canvas: "Canvas", key: str, ids: torch.Tensor, *,
                   rows: torch.Tensor, lo: int, hi: int, block: int,
                   settings: SamplerSettings) -> torch.Tensor:
     """Return float logits [R, hi - lo, V] of positions [lo, hi) of `ids` (rows of the canvas)."""
-    model = getattr(model_fn, "model", None)
     attn = canvas.attn[rows]
-    if model is None:
-        return model_fn(ids, attn)[:, lo:hi].float()
-    if settings.cache == "none":
-        # The head runs on the block alone: the rest of the canvas cannot be committed this step.
-        canvas.flops += flops_estimate(model.config, ids.shape[0], ids.shape[1], ids.shape[1],
-                                       hi - lo)
-        return block_logits(model, ids, attn, lo, hi).float()
+    if model.model is None or settings.cache == "none":
+        if model.model is not None:
+            # The head runs on the block alone: the rest of the canvas cannot be committed now.
+            canvas.flops += flops_estimate(model.model.config, ids.shape[0], ids.shape[1],
+                                           ids.shape[1], hi - lo)
+        return model.block_logits(ids, attn, lo, hi).float()
     if key not in canvas.caches:
         canvas.caches[key] = BlockCache(model, settings.cache, canvas.ids.shape[0],
                                         refresh_every_step=settings.cache_refresh_every_step)

@@ -20,7 +20,7 @@ from ldm.sampling.infill import infill as infill_canvases
 from ldm.sampling.prompts import (InfillTemplate, Prompt, chat_messages, check_prompt_text,
                                   infill_fills)
 from ldm.sampling.render import GifRecorder, LiveView, clean_answer
-from ldm.sampling.sampler import LogitsFn, generate
+from ldm.sampling.sampler import ModelFn, generate
 from ldm.sampling.settings import SamplerSettings
 from ldm.errors import DataError
 from ldm.faults import fault_injection, kill_point
@@ -30,7 +30,7 @@ from ldm.tokenizer import encode_chat
 class Session:
     """Samples with fixed settings and records every result in a JSONL file."""
 
-    def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int, sampler: SamplerSettings,
+    def __init__(self, model_fn: ModelFn, tok, *, mask_id: int, sampler: SamplerSettings,
                  path: Path, batch_size: int = 8, seed: int = 0, device="cpu",
                  render: str = "none", record_extra: Optional[Dict[str, Any]] = None,
                  console=None, echo: bool = True, vocab_size: Optional[int] = None):

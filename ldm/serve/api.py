@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ldm.errors import ConfigError, LdmError
 from ldm.sampling.prompts import check_prompt_text
-from ldm.sampling.sampler import LogitsFn, check_model_cache
+from ldm.sampling.sampler import ModelFn, check_model_cache
 from ldm.sampling.settings import SamplerSettings
 from ldm.serve.batcher import Batcher, Job
 from ldm.serve.settings import API_FIELDS, page_sampler
@@ -69,7 +69,7 @@ class ChatApi:
     """What the API needs to answer: the tokenizer, presets, model limits and the batcher."""
 
     def __init__(self, batcher: Batcher, tok, presets: Dict[str, Any], default_preset: str, *,
-                 model_id: str, max_positions: Optional[int], model_fn: LogitsFn,
+                 model_id: str, max_positions: Optional[int], model_fn: ModelFn,
                  system: Optional[str] = None, seed: int = 0, api_key: Optional[str] = None):
         self.batcher, self.tok, self.presets, self.default = batcher, tok, presets, default_preset
         self.model_id, self.max_positions, self.model_fn = model_id, max_positions, model_fn

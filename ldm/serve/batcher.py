@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from ldm.sampling.render import clean_answer
-from ldm.sampling.sampler import LogitsFn, SamplerStep, generate
+from ldm.sampling.sampler import ModelFn, SamplerStep, generate
 from ldm.sampling.settings import SamplerSettings
 
 
@@ -102,7 +102,7 @@ class TextStream:
 class Batcher:
     """Answers jobs on one worker thread, batching those that arrive together and can share."""
 
-    def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int, special_ids: Sequence[int],
+    def __init__(self, model_fn: ModelFn, tok, *, mask_id: int, special_ids: Sequence[int],
                  device="cpu", window_s: float = 0.02, max_batch: int = 16):
         self.model_fn, self.tok, self.mask_id = model_fn, tok, mask_id
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id

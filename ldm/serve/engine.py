@@ -22,7 +22,7 @@ from ldm.sampling.decode import chat_banned_ids
 from ldm.sampling.infill import infill
 from ldm.sampling.prompts import check_prompt_text, encode_infill, parse_infill
 from ldm.sampling.render import TokenPieces, clean_answer, step_title
-from ldm.sampling.sampler import LogitsFn, SamplerStep, generate
+from ldm.sampling.sampler import ModelFn, SamplerStep, generate
 from ldm.sampling.settings import SamplerSettings
 from ldm.serve.canvas import CommitTracker, canvas_html
 from ldm.tokenizer import encode_chat
@@ -52,7 +52,7 @@ Job = Callable[[Callable[[SamplerStep], None], torch.Generator], Any]
 class Engine:
     """The model, its tokenizer and the runs in flight, by browser session."""
 
-    def __init__(self, model_fn: LogitsFn, tok, *, mask_id: int,
+    def __init__(self, model_fn: ModelFn, tok, *, mask_id: int,
                  max_positions: Optional[int] = None, device="cpu", seed: int = 0,
                  system: Optional[str] = None, vocab_size: Optional[int] = None):
         self.model_fn, self.tok, self.mask_id = model_fn, tok, mask_id

@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> float:
     """Sample from the checkpoint; return the mean tokens per second."""
     from ldm.sampling.prompts import (Prompt, encode_infill, encode_prompt, read_infill,
                                       read_prompts_file)
-    from ldm.sampling import hf_logits_fn
+    from ldm.sampling import sampler_model
     from ldm.sampling.session import Session, repl
     from ldm.tasks.common import mark_work_started, open_tracker, pick_device, run_dir
 
@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> float:
         mark_work_started()
         extra = {"sampler": {"name": cfg.sampler.name, **settings.as_record()},
                  "checkpoint": export.where, "seed": cfg.seed}
-        with Session(hf_logits_fn(model), tok, mask_id=mask_id, sampler=settings,
+        with Session(sampler_model(model), tok, mask_id=mask_id, sampler=settings,
                      path=folder / "samples.jsonl", batch_size=cfg.task.batch_size,
                      seed=cfg.seed, device=device, render=cfg.render, record_extra=extra,
                      vocab_size=model.get_input_embeddings().num_embeddings) as session:

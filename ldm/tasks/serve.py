@@ -132,7 +132,7 @@ def run(cfg: DictConfig) -> float:
     presets[start.name] = start  # the starting preset with its command-line overrides
     mask_id = export.mask_id if export.mask_id is not None else tok.mask_token_id
 
-    from ldm.sampling import hf_logits_fn
+    from ldm.sampling import sampler_model
     from ldm.sampling.decode import chat_banned_ids
     from ldm.serve.api import ChatApi, Running, build_api
     from ldm.serve.batcher import Batcher
@@ -141,7 +141,7 @@ def run(cfg: DictConfig) -> float:
                               attn_implementation=cfg.model.attn_implementation,
                               trust_remote_code=cfg.model.trust_remote_code,
                               vocab_size=len(tok), device=device)
-    model_fn = hf_logits_fn(model)
+    model_fn = sampler_model(model)
     title = Path(export.where).name
     api_key = cfg.serve.api_key or os.environ.get("LDM_API_KEY") or None
     app = build_api(ChatApi(

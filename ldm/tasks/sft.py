@@ -6,23 +6,27 @@ import json
 import logging
 from typing import Optional
 
+import torch
 from omegaconf import DictConfig
 
+from ldm.data.sft import canvas_mismatch
 from ldm.errors import ConfigError
-from ldm.scoring import heldout_answers
+from ldm.export import read_export
+from ldm.hub import is_local
+from ldm.sampling.cache import check_cache_family
+from ldm.sampling.decode import never_emitted_ids
+from ldm.sampling.sampler import generate, sampler_model
+from ldm.scoring import answer_all, answer_jobs, answer_metrics, heldout_answers
 from ldm.sampling.settings import SamplerSettings
+from ldm.tasks import hint
 from ldm.tasks.train_common import run_training
+from ldm.train.data import collate_for_rows
 
 log = logging.getLogger("ldm")
 
 
 def sampler_settings(cfg: DictConfig) -> SamplerSettings:
     """Return the sampler settings of the SFT-time samples, checked against the model's positions."""
-    from ldm.export import read_export
-    from ldm.hub import is_local
-    from ldm.sampling.cache import check_cache_family
-    from ldm.tasks import hint
-
     family = None  # a hub model: its limits are checked once it loads
     if cfg.init_from and is_local(cfg.init_from):
         with hint("pass an export folder from outputs/models/ or a hub id"):
@@ -34,8 +38,6 @@ def sampler_settings(cfg: DictConfig) -> SamplerSettings:
         positions = cfg.model.max_positions
         family = cfg.model.architecture if cfg.model.source == "config" else None
     settings = SamplerSettings.from_config(cfg.sampler, positions)
-    from ldm.data.sft import canvas_mismatch
-
     mismatch = canvas_mismatch(cfg.dataset.padding, cfg.dataset.get("answer_positions"),
                                settings.max_new_tokens)
     if mismatch and (cfg.task.eval_samples or cfg.task.target_exact_match is not None):
@@ -72,12 +74,6 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
     with task=evaluate's code, and stops training once every task type reaches the target.
     """
     def factory(tokenizer, test_split, tracker, data_dir, manifest, command):
-        import torch
-
-        from ldm.scoring import answer_all, answer_jobs, answer_metrics
-        from ldm.sampling.decode import never_emitted_ids
-        from ldm.sampling.sampler import generate, hf_logits_fn
-
         # the same prompts task=evaluate answers: everything before each row's last answer
         prompts = heldout_answers(test_split, cfg.task.eval_samples)
         target = cfg.task.target_exact_match
@@ -92,7 +88,7 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
         settings.check_prompt(max(lengths), "the longest held-out prompt the run answers")
 
         def samples(mlm, step: int) -> None:
-            result = generate(hf_logits_fn(mlm), [p for p, _ in prompts], settings,
+            result = generate(sampler_model(mlm), [p for p, _ in prompts], settings,
                               mask_id=tokenizer.mask_token_id, eos_id=tokenizer.eos_token_id,
                               special_ids=never_emitted_ids(tokenizer, mlm.config.vocab_size),
                               pad_id=tokenizer.pad_token_id,
@@ -140,8 +136,6 @@ def sample_hook(cfg: DictConfig, settings: SamplerSettings):
 
 def run(cfg: DictConfig) -> float:
     """Finetune on chat data and export; return the final held-out NELBO per maskable token."""
-    from ldm.train.data import collate_for_rows
-
     # the settings of the samples taken at each evaluation, checked before anything trains
     check_target(cfg)
     answers = cfg.task.eval_samples > 0 or cfg.task.target_exact_match is not None

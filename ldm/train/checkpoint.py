@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
+import torch
 from safetensors import SafetensorError
 
 from ldm.errors import LdmError
@@ -23,6 +26,31 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, saved with each checkpoint (trainer_state.json, beside the step)."""
+
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped under task.skip_nonfinite
+    scaler_skipped_steps: int = 0  # fp16 loss-scale overflows
+    scheduler_steps: int = 0  # lr schedule steps taken: the scheduler's whole state
+    stopped: str = ""  # why training ended before max_steps ("" = it did not)
+    extra: Dict[str, object] = field(default_factory=dict)  # saved as they are, never read back
+
+    COUNTERS = ("tokens_seen", "skipped_steps", "scaler_skipped_steps", "scheduler_steps")
+
+    def record(self) -> Dict[str, Any]:
+        """Return the state as a checkpoint saves it."""
+        return {**{name: getattr(self, name) for name in self.COUNTERS}, "stopped": self.stopped,
+                **self.extra}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Take the counters and the stop reason a checkpoint saved (those it has)."""
+        for name in (*self.COUNTERS, "stopped"):
+            if name in saved:
+                setattr(self, name, saved[name])
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -62,13 +90,11 @@ def failed_anywhere(accelerator, failed: bool) -> bool:
     """Return True when `failed` is True on any process (every process calls this; it syncs)."""
     if accelerator.num_processes == 1:
         return failed
-    import torch
-
     flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: Dict[str, Any],
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: Mapping[str, Any],
                     keep_last: int) -> Path:
     """Save the full training state at `step` (every process calls this) and return its folder."""
     folder = checkpoint_dir(run_dir)
@@ -106,3 +132,40 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: Dict[str
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_source(run_dir: str | Path, resume: bool, resume_from: Optional[str]) -> Optional[Path]:
+    """Return the checkpoint a run continues from: resume_from, else (with resume) the latest."""
+    if resume_from:
+        return Path(resume_from)
+    return latest_checkpoint(run_dir) if resume else None
+
+
+def resume(accelerator, source: Path, state: TrainState, scheduler) -> int:
+    """Load checkpoint `source` into the prepared model, optimizer and RNGs, its counters into
+    `state` and the lr schedule's position into `scheduler`; return the step it was saved at.
+
+    Raises LdmError naming the checkpoint when it is damaged or belongs to another model.
+    """
+    saved = read_state(source)
+    kill_point("resume")
+    try:
+        accelerator.load_state(str(source))
+    except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        part = "model.safetensors" if isinstance(err, SafetensorError) else "optimizer.bin"
+        raise LdmError(f"checkpoint {source} cannot be read: {part} is damaged or holds more "
+                       f"than tensors ({reason}); resume from an earlier one with "
+                       "task.resume_from=<run>/checkpoints/step-N, or delete it") from err
+    except (RuntimeError, KeyError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
+                       "it was saved by a different architecture or vocabulary") from err
+    step = int(saved["step"])
+    state.restore(saved)
+    # The scheduler is not in accelerate's checkpoint (see the loop); the optimizer's own state
+    # holds the current lr.
+    scheduler.last_epoch = int(state.scheduler_steps)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    log.info("resumed from %s at step %d", source, step)
+    return step

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
+from ldm.data.sft import last_answer_start
 from ldm.errors import ConfigError
 
 
@@ -210,8 +211,6 @@ def eos_widths(lengths: np.ndarray, masks, multiple: int, min_answer: Optional[i
     positions (so even the longest row of a batch keeps an answer area of EOS to fill); the
     width is rounded up to `multiple` and capped at `limit` (the context length).
     """
-    from ldm.data.sft import last_answer_start
-
     need = lengths.copy()
     if min_answer:
         starts = np.array([last_answer_start(np.asarray(m)) for m in masks], dtype=np.int64)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 
 from ldm.errors import ConfigError
 from ldm.model import unwrap
-
-if TYPE_CHECKING:  # the loop imports this module; only the type is needed here
-    from ldm.train.loop import LoopConfig
+from ldm.ranks import node_rank
+from ldm.train.settings import LoopConfig
 
 
 def check_world_size(configured: int, launched: int) -> None:
@@ -35,10 +35,6 @@ def check_world_size(configured: int, launched: int) -> None:
 def joined_line(accelerator, plan, step: int) -> str:
     """Return the line every process logs as it starts training: where it runs (global rank,
     machine, local rank, host) and the rows it reads of optimizer step `step` (0-based)."""
-    import socket
-
-    from ldm.ranks import node_rank
-
     rank = accelerator.process_index
     rows = sorted(int(i) for micro in range(plan.accumulation) for i in plan.indices(step, micro, rank))
     return (f"rank {rank} of {accelerator.num_processes} joined (machine {node_rank()}, local rank "
@@ -112,7 +108,7 @@ def keep_fp32_buffers(model: torch.nn.Module, pattern: str = "inv_freq") -> Iter
 
 def fit_sharding(accelerator, model: torch.nn.Module, cfg: LoopConfig) -> None:
     """Point FSDP's layer wrapping, gradient precision and DeepSpeed's batch numbers at this run."""
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType  # lazy: accelerate is slow to import (startup)
 
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
@@ -160,14 +156,14 @@ def export_main(accelerator, wrapped, export: Callable[..., Path], step: int) ->
     FSDP shards are gathered by every process; under DeepSpeed every process joins in assembling
     the fp32 master weights from the optimizer's partitions (the module holds bf16 copies).
     """
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType  # lazy: accelerate is slow to import (startup)
 
     weights = None
     if accelerator.distributed_type == DistributedType.FSDP:
         full = accelerator.get_state_dict(wrapped)
         weights = {k[len("mlm."):]: v for k, v in full.items() if k.startswith("mlm.")}
     elif accelerator.distributed_type == DistributedType.DEEPSPEED:
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # lazy: deepspeed is an optional extra
 
         weights = fp32_state_dict(unwrap(accelerator.unwrap_model(wrapped)).mlm,
                                   safe_get_full_fp32_param)

@@ -13,82 +13,30 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from tqdm.auto import tqdm
 
-from ldm.config import HardwareConfig, MaskingConfig, TrainTaskConfig
-from ldm.errors import ConfigError, LdmError
+from ldm.errors import ConfigError
 from ldm.scoring import fixed_batches, heldout_nelbo
 from ldm.faults import kill_point
-from ldm.masking import normalizer_for
 from ldm.model import SparseMaskedLM, maybe_compile, unwrap
 from ldm.train import checkpoint as ckpt
 from ldm.train.data import BatchPlan, Collate, check_batch_layout, step_generator
 from ldm.train.distributed import (check_deepspeed, export_main, fit_sharding, joined_line,
                                   keep_fp32_buffers)
 from ldm.train.objective import check_normalizer, diffusion_step
+from ldm.train.settings import LoopConfig
 from ldm.train.update import apply_update
 
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
-
-
-# LoopConfig's defaults are the typed schema's (conf is read only by tasks/; these are values)
-_TASK, _MASKING, _HARDWARE = TrainTaskConfig(), MaskingConfig(), HardwareConfig()
-
-
-@dataclass
-class LoopConfig:
-    """Everything the loop needs, as plain values (the task fills it from the Hydra config).
-
-    Defaults have one source, the schema in ldm/config.py: a field left out here means the same
-    as the setting left out of the config.
-    """
-
-    max_steps: int
-    global_batch_size: int
-    micro_batch_size: int
-    accumulation: int
-    mask_id: int
-    lr: float = _TASK.lr
-    weight_decay: float = _TASK.weight_decay
-    no_decay: Sequence[str] = tuple(_TASK.no_decay)
-    betas: Sequence[float] = tuple(_TASK.betas)
-    adam_eps: float = _TASK.adam_eps
-    lr_schedule: str = _TASK.lr_schedule
-    warmup_steps: int = _TASK.warmup_steps
-    min_lr_ratio: float = _TASK.min_lr_ratio
-    grad_clip: float = _TASK.grad_clip
-    log_every: int = _TASK.log_every
-    eval_every: int = _TASK.eval_every
-    eval_batches: int = _TASK.eval_batches
-    eval_t_grid: int = _TASK.eval_t_grid
-    eval_mc_samples: int = _TASK.eval_mc_samples
-    save_every: int = _TASK.save_every
-    keep_last: int = _TASK.keep_last
-    export_every: int = _TASK.export_every
-    schedule: str = _MASKING.schedule
-    time_sampling: str = _MASKING.time_sampling
-    eps: float = _MASKING.eps
-    normalizer: str = normalizer_for(_MASKING.normalizer, "text")
-    seed: int = 0
-    mixed_precision: str = _HARDWARE.mixed_precision
-    cpu: bool = _HARDWARE.accelerator == "cpu"
-    skip_nonfinite: bool = _TASK.skip_nonfinite
-    sparse_logits: bool = _TASK.sparse_logits
-    compile: bool = False
-    max_minutes: Optional[float] = None  # time cap on training; stops like a reached target
-    group_by_length: bool = False  # length-grouped batches (rows need a `length` column)
-    progress: bool = True
-    extra_state: Dict[str, object] = field(default_factory=dict)
 
 
 def lr_factor(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -131,14 +79,14 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (every device) so model initialisation is reproducible."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import set_seed  # lazy: accelerate is slow to import (startup)
 
     set_seed(seed)
 
 
 def make_accelerator(cfg: LoopConfig):
     """Return the Accelerator for this run (device, mixed precision, accumulation)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # lazy: accelerate is slow to import (startup)
 
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"hardware.mixed_precision={cfg.mixed_precision!r}; accepted: no, bf16, fp16")
@@ -162,6 +110,36 @@ def validate(cfg: LoopConfig, processes: int) -> None:
         raise ConfigError(f"task.max_minutes={cfg.max_minutes} must be > 0 (or null for no cap)")
 
 
+@dataclass
+class Window:
+    """The figures summed since the last logged step (steps whose update was applied)."""
+
+    loss: float = 0.0
+    masked: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    answer: int = 0  # chat rows: answer tokens proper (no prompt, no EOS padding)
+    began: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, masked: float, tokens: int, answer: int) -> None:
+        """Count one applied step's figures."""
+        self.loss += loss
+        self.masked += masked
+        self.steps += 1
+        self.tokens += tokens
+        self.answer += answer
+
+    def metrics(self) -> Dict[str, float]:
+        """Return the window's means and throughputs."""
+        elapsed = time.perf_counter() - self.began
+        out = {"loss": self.loss / max(self.steps, 1),
+               "masked_fraction": self.masked / max(self.steps, 1),
+               "tokens_per_second": self.tokens / max(elapsed, 1e-9)}
+        if self.answer:  # chat rows: the useful tokens, without prompt and padding
+            out["answer_tokens_per_second"] = self.answer / max(elapsed, 1e-9)
+        return out
+
+
 def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopConfig, *,
           accelerator, run_dir: Path, tracker, export: Callable[[torch.nn.Module, int], Path],
           resume: bool = True, resume_from: Optional[str] = None,
@@ -176,100 +154,44 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
     the same run finds it finished. final["stopped"] holds the reason ("" = reached max_steps).
     `eval_collate` batches the held-out rows (default: `collate`).
     """
-    from tqdm.auto import tqdm
-
     validate(cfg, accelerator.num_processes)
     plan = BatchPlan(len(train_data), cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
                      cfg.accumulation, accelerator.num_processes,
                      lengths=row_lengths(train_data) if cfg.group_by_length else None)
     eval_collate = eval_collate or collate
-    device, rank = accelerator.device, accelerator.process_index
-    model.train()
-    wrapped = SparseMaskedLM(maybe_compile(model, cfg.compile))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.no_decay, cfg.betas, cfg.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    fit_sharding(accelerator, model, cfg)
-    with keep_fp32_buffers(model):  # DeepSpeed bf16 casts buffers too
-        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    device = accelerator.device
+    wrapped, optimizer, scheduler = prepare_model(model, cfg, accelerator)
     sharded = accelerator.distributed_type == "FSDP"
     if sharded and on_eval is not None:
         log.warning("FSDP: the evaluation hook (e.g. sampled answers) is skipped while training; "
                     "run it on the export")
-    # The scheduler is not handed to accelerate's checkpointing, which unpickles custom objects
-    # with weights_only=False; its whole state is the number of optimizer steps taken, saved in
-    # trainer_state.json (the optimizer's own state restores the current lr).
 
-    state = {"tokens_seen": 0, "skipped_steps": 0, "scaler_skipped_steps": 0, "scheduler_steps": 0,
-             "stopped": "", **cfg.extra_state}
-    start = 0
-    source = Path(resume_from) if resume_from else (ckpt.latest_checkpoint(run_dir) if resume else None)
-    if source is not None:
-        saved = ckpt.read_state(source)
-        kill_point("resume")
-        try:
-            accelerator.load_state(str(source))
-        except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            part = "model.safetensors" if isinstance(err, SafetensorError) else "optimizer.bin"
-            raise LdmError(f"checkpoint {source} cannot be read: {part} is damaged or holds more "
-                           f"than tensors ({reason}); resume from an earlier one with "
-                           "task.resume_from=<run>/checkpoints/step-N, or delete it") from err
-        except (RuntimeError, KeyError, ValueError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise LdmError(f"checkpoint {source} does not fit this model and optimizer ({reason}); "
-                           "it was saved by a different architecture or vocabulary") from err
-        start = int(saved["step"])
-        state.update({k: saved[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
-                                            "scheduler_steps", "stopped")
-                      if k in saved})
-        scheduler.last_epoch = int(state["scheduler_steps"])
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        log.info("resumed from %s at step %d", source, start)
-
-    if start < cfg.max_steps and not state["stopped"]:
+    state = ckpt.TrainState(extra=dict(cfg.extra_state))
+    source = ckpt.resume_source(run_dir, resume, resume_from)
+    start = ckpt.resume(accelerator, source, state, scheduler) if source is not None else 0
+    if start < cfg.max_steps and not state.stopped:
         log.info(joined_line(accelerator, plan, start))  # every rank: all joined, each its rows
     view = train_data.with_format("numpy")
     # all of them (frozen ones have no gradient): FSDP clips only when handed exactly these
     params = list(wrapped.parameters())
-    window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "answer": 0,
-              "time": time.perf_counter()}
+    window = Window()
     final: Dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
-    if start >= cfg.max_steps or state["stopped"]:
+    if start >= cfg.max_steps or state.stopped:
         # Training had finished (or stopped early); the export after the last checkpoint may not
         # have (a run killed while exporting), so evaluate and export the checkpoint's weights again.
         final.update(evaluate(wrapped, eval_data, eval_collate, cfg, device))
         if accelerator.is_main_process:
             tracker.log_metrics(final, step=start)
-        export_main(accelerator, wrapped, exporter(export, state["stopped"]), start)
+        export_main(accelerator, wrapped, exporter(export, state.stopped), start)
     # the time cap counts this process's training (wall time stays out of the checkpoint, so a
     # resumed run's checkpoints are byte-identical to an uninterrupted run's)
     began, elapsed = time.perf_counter(), 0.0
     try:
-        for step in range(start if not state["stopped"] else cfg.max_steps, cfg.max_steps):
-            step_loss = torch.zeros((), device=device)
-            step_masked = torch.zeros((), device=device)
-            tokens = answer_tokens = 0
-            for micro in range(cfg.accumulation):
-                batch = collate(view[plan.indices(step, micro, rank)], device)
-                # masks are keyed by the micro-batch's slot in the global batch, as its rows are,
-                # so P processes x A accumulation steps train exactly like 1 process x P*A
-                gen = step_generator(cfg.seed, step, micro * plan.processes + rank, 0, device)
-                with accelerator.accumulate(wrapped):
-                    loss, stats = diffusion_step(
-                        wrapped, batch["input_ids"], batch["maskable"], batch["attention_mask"],
-                        cfg.schedule, cfg.time_sampling, cfg.eps, cfg.mask_id, cfg.normalizer,
-                        generator=gen, sparse=cfg.sparse_logits)
-                    kill_point(f"forward:{step + 1}")
-                    accelerator.backward(loss)
-                step_loss += loss.detach() / cfg.accumulation
-                step_masked += stats["masked_fraction"] / cfg.accumulation
-                mask = batch["attention_mask"]
-                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                # chat rows: the answer tokens proper (no EOS padding), counted by the collate
-                answer_tokens += batch.get("answer_tokens", 0)
+        for step in range(start if not state.stopped else cfg.max_steps, cfg.max_steps):
+            step_loss, step_masked, tokens, answer_tokens = accumulate(
+                wrapped, collate, view, plan, cfg, accelerator, step)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             # one all-reduce per optimizer step for the figures: means of loss and masked
             # fraction, and the tokens of every process (SFT rows differ in length)
@@ -287,38 +209,26 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                                    grad_norm=grad_norm, step=done, skip_nonfinite=cfg.skip_nonfinite,
                                    run_dir=run_dir, tracker=tracker)
             if applied:
-                state["tokens_seen"] += tokens
-                window["loss"] += float(step_loss)
-                window["masked"] += float(step_masked)
-                window["steps"] += 1
-                window["tokens"] += tokens
-                window["answer"] += answer_tokens
+                state.tokens_seen += tokens
+                window.add(float(step_loss), float(step_masked), tokens, answer_tokens)
             bar.update(1)
-            if window["steps"] and (done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps):
-                elapsed = time.perf_counter() - window["time"]
-                metrics = {
-                    "loss": window["loss"] / max(window["steps"], 1),
-                    "masked_fraction": window["masked"] / max(window["steps"], 1),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
-                    "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
-                    "tokens_seen": state["tokens_seen"], "epoch": plan.epoch_of(done),
-                }
-                if window["answer"]:  # chat rows: the useful tokens, without prompt and padding
-                    metrics["answer_tokens_per_second"] = window["answer"] / max(elapsed, 1e-9)
+            if window.steps and (done % max(cfg.log_every, 1) == 0 or done == cfg.max_steps):
+                metrics = window.metrics()
+                metrics.update({"lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+                                "tokens_seen": state.tokens_seen, "epoch": plan.epoch_of(done)})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
                 if accelerator.is_main_process:
                     tracker.log_metrics(metrics, step=done)
                 final.update(metrics)
-                window = {"loss": 0.0, "masked": 0.0, "steps": 0, "tokens": 0, "answer": 0,
-                          "time": time.perf_counter()}
+                window = Window()
             elapsed = time.perf_counter() - began
             last = done == cfg.max_steps
             if not last and cfg.max_minutes is not None and \
                     agreed(accelerator, elapsed >= cfg.max_minutes * 60):
-                state["stopped"] = f"time cap: task.max_minutes={cfg.max_minutes:g} passed"
+                state.stopped = f"time cap: task.max_minutes={cfg.max_minutes:g} passed"
                 last = True
             if last:  # checkpoint first: a failing final evaluation or export
-                ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
+                ckpt.save_checkpoint(accelerator, run_dir, done, state.record(), cfg.keep_last)
             if (cfg.eval_every and done % cfg.eval_every == 0) or last:
                 evals = evaluate(wrapped, eval_data, eval_collate, cfg, device)
                 reason = None
@@ -331,27 +241,71 @@ def train(model, tokenizer, train_data, eval_data, collate: Collate, cfg: LoopCo
                 final.update(evals)
                 wrapped.train()
                 if not last and agreed(accelerator, bool(reason)):
-                    state["stopped"] = reason or "stopped by another process's evaluation"
+                    state.stopped = reason or "stopped by another process's evaluation"
                     last = True
-                    ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
+                    ckpt.save_checkpoint(accelerator, run_dir, done, state.record(), cfg.keep_last)
             if cfg.save_every and done % cfg.save_every == 0 and not last:
-                ckpt.save_checkpoint(accelerator, run_dir, done, dict(state), cfg.keep_last)
+                ckpt.save_checkpoint(accelerator, run_dir, done, state.record(), cfg.keep_last)
             if (cfg.export_every and done % cfg.export_every == 0) or last:
-                export_main(accelerator, wrapped, exporter(export, state["stopped"]), done)
+                export_main(accelerator, wrapped, exporter(export, state.stopped), done)
             kill_point(f"step:{done}")
             accelerator.wait_for_everyone()
             if last:
-                if state["stopped"]:
+                if state.stopped:
                     log.info("training stopped at step %d of %d: %s", done, cfg.max_steps,
-                             state["stopped"])
+                             state.stopped)
                 break
     finally:
         bar.close()
-    final.update({k: state[k] for k in ("tokens_seen", "skipped_steps", "scaler_skipped_steps",
-                                        "scheduler_steps")})
+    final.update({name: getattr(state, name) for name in ckpt.TrainState.COUNTERS})
     final["train_seconds"] = elapsed
-    final["stopped"] = state["stopped"]  # a str among the figures: why training ended early
+    final["stopped"] = state.stopped  # a str among the figures: why training ended early
     return final
+
+
+def prepare_model(model: torch.nn.Module, cfg: LoopConfig, accelerator):
+    """Return (wrapped model, optimizer, lr scheduler), prepared by accelerate for this run."""
+    model.train()
+    wrapped = SparseMaskedLM(maybe_compile(model, cfg.compile))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.no_decay, cfg.betas, cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    fit_sharding(accelerator, model, cfg)
+    with keep_fp32_buffers(model):  # DeepSpeed bf16 casts buffers too
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    # The scheduler is not handed to accelerate's checkpointing, which unpickles custom objects
+    # with weights_only=False; its whole state is the number of optimizer steps taken, saved in
+    # trainer_state.json (the optimizer's own state restores the current lr).
+    return wrapped, optimizer, scheduler
+
+
+def accumulate(wrapped, collate: Collate, view, plan: BatchPlan, cfg: LoopConfig, accelerator,
+               step: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Run the forward and backward passes of optimizer step `step` (0-based) on this process;
+    return (mean loss, mean masked fraction, tokens, answer tokens) of its micro-batches."""
+    device, rank = accelerator.device, accelerator.process_index
+    step_loss = torch.zeros((), device=device)
+    step_masked = torch.zeros((), device=device)
+    tokens = answer_tokens = 0
+    for micro in range(cfg.accumulation):
+        batch = collate(view[plan.indices(step, micro, rank)], device)
+        # masks are keyed by the micro-batch's slot in the global batch, as its rows are,
+        # so P processes x A accumulation steps train exactly like 1 process x P*A
+        gen = step_generator(cfg.seed, step, micro * plan.processes + rank, 0, device)
+        with accelerator.accumulate(wrapped):
+            loss, stats = diffusion_step(
+                wrapped, batch["input_ids"], batch["maskable"], batch["attention_mask"],
+                cfg.schedule, cfg.time_sampling, cfg.eps, cfg.mask_id, cfg.normalizer,
+                generator=gen, sparse=cfg.sparse_logits)
+            kill_point(f"forward:{step + 1}")
+            accelerator.backward(loss)
+        step_loss += loss.detach() / cfg.accumulation
+        step_masked += stats["masked_fraction"] / cfg.accumulation
+        mask = batch["attention_mask"]
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        # chat rows: the answer tokens proper (no EOS padding), counted by the collate
+        answer_tokens += batch.get("answer_tokens", 0)
+    return step_loss, step_masked, tokens, answer_tokens
 
 
 def row_lengths(data) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 from ldm.errors import LdmError
 from ldm.train import checkpoint as ckpt
@@ -21,7 +21,7 @@ from ldm.train import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 
-def apply_update(accelerator, optimizer, scheduler, state: Dict[str, int], *, loss: float,
+def apply_update(accelerator, optimizer, scheduler, state: ckpt.TrainState, *, loss: float,
                  grad_norm, step: int, skip_nonfinite: bool, run_dir: Path, tracker) -> bool:
     """Step the optimizer (and the lr schedule) unless this step is skipped; return True if applied.
 
@@ -50,25 +50,25 @@ def apply_update(accelerator, optimizer, scheduler, state: Dict[str, int], *, lo
             # the gradients were unscaled for clipping; the scaler must close this step (as after
             # an overflow, with a lower scale) or the next unscale_ fails
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        state["skipped_steps"] += 1
+        state.skipped_steps += 1
         log.warning("non-finite loss or gradient norm at step %d: step skipped, weights unchanged, "
-                    "lr schedule not advanced (%d skipped so far)", step, state["skipped_steps"])
+                    "lr schedule not advanced (%d skipped so far)", step, state.skipped_steps)
         if accelerator.is_main_process:
-            tracker.log_metrics({"skipped_steps": state["skipped_steps"]}, step=step)
+            tracker.log_metrics({"skipped_steps": state.skipped_steps}, step=step)
         return False
     scale = scaler.get_scale() if scaler is not None else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if update_skipped(optimizer, scaler, scale):
-        state["scaler_skipped_steps"] += 1
+        state.scaler_skipped_steps += 1
         log.info("fp16 loss-scale overflow at step %d: update skipped, loss scale lowered "
-                 "(%d so far)", step, state["scaler_skipped_steps"])
+                 "(%d so far)", step, state.scaler_skipped_steps)
         if accelerator.is_main_process:
-            tracker.log_metrics({"scaler_skipped_steps": state["scaler_skipped_steps"],
+            tracker.log_metrics({"scaler_skipped_steps": state.scaler_skipped_steps,
                                  "loss_scale": loss_scale(scaler)}, step=step)
         return False
     scheduler.step()
-    state["scheduler_steps"] += 1
+    state.scheduler_steps += 1
     return True
 
 
