@@ -36,7 +36,8 @@ import torch
 
 from ldm.model import SparseMaskedLM, load_model
 from ldm.sampling.sampler import generate, sampler_model
-from ldm.sampling.settings import SamplerSettings, load_preset
+from ldm.config import load_preset
+from ldm.sampling.settings import SamplerSettings
 from ldm.train.loop import make_optimizer
 from ldm.train.objective import diffusion_step
 

@@ -75,7 +75,7 @@ import time
 from pathlib import Path
 
 from ldm.data.synthetic import OPEN_TASKS, check, open_examples
-from ldm.sampling.settings import load_preset
+from ldm.config import load_preset
 
 from sampling_speed import run  # benchmarks/sampling_speed.py: run.py with LDM_OUTPUTS set
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from ldm.errors import ConfigError
 
 
 def repo_root() -> Path:
@@ -431,3 +433,28 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+# --- sampler presets: the one reader of conf/sampler/*.yaml outside Hydra's composition -----
+
+def preset_folder() -> Path:
+    """Return the folder of the sampler presets, conf/sampler/ of this checkout."""
+    return repo_root() / "conf" / "sampler"
+
+
+def preset_names(folder: Union[str, Path, None] = None) -> List[str]:
+    """Return the names of the sampler presets (*.yaml) in `folder` (default conf/sampler/)."""
+    return sorted(p.stem for p in Path(folder or preset_folder()).glob("*.yaml"))
+
+
+def load_preset(name: str, folder: Union[str, Path, None] = None):
+    """Return sampler preset `name` (`folder`/<name>.yaml, default conf/sampler/) as a config node
+    typed by the schema, unresolved: a preset whose steps follow max_new_tokens still does once
+    max_new_tokens is set on the node. The one reader of preset files."""
+    path = Path(folder or preset_folder()) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"sampler={name!r} is not a sampler preset; accepted: "
+                          f"{', '.join(preset_names(folder))}")
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)  # the schema entry; merged below as a structured config
+    return OmegaConf.merge(OmegaConf.structured(SamplerConfig), raw)

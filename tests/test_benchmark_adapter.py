@@ -158,7 +158,7 @@ def test_every_sampler_preset_keeps_its_rule_cache_and_gamma_in_the_harness():
     (a dropped `cache` silently ran fast_dual without its cache; a dropped `gamma` made
     entropy_bound unusable)."""
     from ldm.harness.generation import sampler_presets, sampler_settings
-    from ldm.sampling.settings import load_preset
+    from ldm.config import load_preset
 
     for name in sampler_presets():
         preset, settings = load_preset(name), sampler_settings(name)

@@ -14,7 +14,7 @@ SAMPLER_FIELDS = ("max_new_tokens", "steps", "block_length", "remasking", "tempe
 
 def sampler_presets() -> List[str]:
     """Return the names of the sampler presets in conf/sampler/."""
-    from ldm.sampling.settings import preset_names
+    from ldm.config import preset_names
 
     return preset_names()
 
@@ -30,7 +30,7 @@ def sampler_settings(preset: str, overrides: Optional[Dict[str, Any]] = None,
     """
     from omegaconf import OmegaConf
 
-    from ldm.sampling.settings import load_preset
+    from ldm.config import load_preset
 
     node = load_preset(preset)
     unknown = sorted(set(overrides or {}) - set(SAMPLER_FIELDS))

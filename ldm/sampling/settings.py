@@ -9,8 +9,7 @@ later is a prompt's length against `prompt_budget`, which needs the prompt.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional
 
 from ldm.errors import ConfigError
 from ldm.sampling.decode import REMASKING
@@ -161,32 +160,3 @@ def _check(s: SamplerSettings) -> None:
     elif s.gamma is not None:
         raise ConfigError(f"sampler.gamma={s.gamma} is used only by sampler.rule='entropy_bound' "
                           f"(rule is {s.rule!r}); set gamma to null")
-
-
-def preset_folder() -> Path:
-    """Return the folder of the sampler presets, conf/sampler/ of this checkout."""
-    from ldm.config import repo_root
-
-    return repo_root() / "conf" / "sampler"
-
-
-def preset_names(folder: Union[str, Path, None] = None) -> List[str]:
-    """Return the names of the sampler presets (*.yaml) in `folder` (default conf/sampler/)."""
-    return sorted(p.stem for p in Path(folder or preset_folder()).glob("*.yaml"))
-
-
-def load_preset(name: str, folder: Union[str, Path, None] = None):
-    """Return sampler preset `name` (`folder`/<name>.yaml, default conf/sampler/) as a config node
-    typed by the schema, unresolved: a preset whose steps follow max_new_tokens still does once
-    max_new_tokens is set on the node. The one reader of preset files."""
-    from omegaconf import OmegaConf
-
-    from ldm.config import SamplerConfig
-
-    path = Path(folder or preset_folder()) / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"sampler={name!r} is not a sampler preset; accepted: "
-                          f"{', '.join(preset_names(folder))}")
-    raw = OmegaConf.load(path)
-    raw.pop("defaults", None)  # the schema entry; merged below as a structured config
-    return OmegaConf.merge(OmegaConf.structured(SamplerConfig), raw)

@@ -22,7 +22,7 @@ def load_presets(folder: str | Path) -> Dict[str, Any]:
     The nodes stay unresolved, so a preset whose steps follow max_new_tokens still does when the
     page changes max_new_tokens (see `preset_values`).
     """
-    from ldm.sampling.settings import load_preset, preset_names
+    from ldm.config import load_preset, preset_names
 
     presets: Dict[str, Any] = {name: load_preset(name, folder) for name in preset_names(folder)}
     if not presets:
