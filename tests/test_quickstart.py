@@ -271,7 +271,7 @@ def test_make_quickstart_installs_only_the_core_and_make_test_everything():
     core = makefile.split("$(CORE_STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
     assert "-r $(CORE_LOCK)" in core and "$(ALL_LOCK)" not in core and "[dev" not in core
     assert "--no-deps -e .\n" in core
-    assert re.search(r"^\$\(STAMP\): \$\(CORE_STAMP\) \$\(ALL_LOCK\)$", makefile, re.M)
+    assert re.search(r"^\$\(STAMP\): \$\(CORE_STAMP\) \$\(ALL_LOCK\)( |$)", makefile, re.M)
     assert re.search(r"^test: \$\(STAMP\)", makefile, re.M)
 
 
