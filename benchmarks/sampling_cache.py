@@ -110,7 +110,7 @@ SETTINGS = [  # label, preset, overrides
     ("llada", "llada", {}),
     ("fast", "fast", {"cache": "none"}),
     ("fast+prefix", "fast", {"cache": "prefix"}),
-    ("fast+dual", "fast_dual", {}),  # = fast with cache: dual (tests/test_sampler.py)
+    ("fast+dual", "fast_dual", {}),  # = fast with cache: dual (tests/unit/test_sampler.py)
     ("entropy_bound", "entropy_bound", {"cache": "none"}),
     ("entropy_bound+dual", "entropy_bound", {"cache": "dual"}),
 ]

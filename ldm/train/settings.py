@@ -17,7 +17,7 @@ from ldm.train.data import resolve_accumulation
 
 
 # The defaults are the schema's, written out: importing the schema module here would register
-# Hydra's schemas as a side effect. tests/test_masking.py checks that they agree.
+# Hydra's schemas as a side effect. tests/unit/test_masking.py checks that they agree.
 @dataclass
 class LoopConfig:
     """Everything the loop needs, as plain values (the task fills it from the Hydra config)."""

@@ -5,6 +5,9 @@ The accelerate configs are read the way `accelerate launch --config_file` reads 
 argument parsing and environment preparation, then the plugin built from that environment), so
 no GPU is needed. DeepSpeed itself is not installed here: its plugin and the numbers the loop
 hands it are checked, not DeepSpeed's own config validation.
+
+Layer: policy, every hardware preset against its accelerate config (in-process), with the
+FSDP and DeepSpeed plugin checks those presets rely on.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`lm_eval --model ldm` as a library: the adapter's three request types on a tiny random export."""
+"""`lm_eval --model ldm` as a library: the adapter's three request types on a tiny random export.
+
+Layer: unit, the adapter class in-process; one test runs Python to check the .pth registration
+(its ELBO: test_benchmark_elbo.py; task=benchmark: test_benchmark_task.py).
+"""
 
 from __future__ import annotations
 
@@ -129,7 +133,7 @@ def _registered_target(site_dir, then: str = "") -> str:
             "print(registry.model_registry._objs.get('ldm'))")
     proc = subprocess.run([sys.executable, "-S", "-c", code, str(site_dir), packages],
                           capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])  # ldm importable without .pth
+                          cwd=Path(__file__).resolve().parents[2])  # ldm importable without .pth
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
 

@@ -1,5 +1,9 @@
 """experiment=quickstart_smoke runs the whole chain; each stage's output feeds the next; a second
-run reuses every finished stage. The chain's reuse rules are also checked without real stages."""
+run reuses every finished stage. The chain's reuse rules are also checked without real stages.
+
+Layer: unit by count, the chain's reuse and lanes with its stage runs faked, and the Makefile's
+targets read as text; the two slow tests run `run.py experiment=quickstart_smoke`.
+"""
 
 from __future__ import annotations
 
@@ -266,7 +270,7 @@ def test_a_training_stage_rerun_with_other_overrides_starts_afresh_and_an_interr
 
 
 def test_make_quickstart_installs_only_the_core_and_make_test_everything():
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert re.search(r"^quickstart: \$\(CORE_STAMP\)$", makefile, re.M)
     core = makefile.split("$(CORE_STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
     assert "-r $(CORE_LOCK)" in core and "$(ALL_LOCK)" not in core and "[dev" not in core
@@ -279,7 +283,7 @@ def test_the_chains_seed_reaches_every_stage_and_make_quickstart_passes_seed(mak
     cfg = make_config("experiment=quickstart", "seed=7")
     commands = chain.stage_commands(cfg)
     assert all("seed=7" in args for args in commands.values())
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert "run.py experiment=quickstart $(if $(SEED),seed=$(SEED))" in makefile
 
 

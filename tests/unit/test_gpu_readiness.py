@@ -97,7 +97,7 @@ def test_per_layer_compiled_model_gives_the_eager_loss_and_gradients(family):
 def _benchmark_common():
     """benchmarks/common.py: the peaks and the step-FLOPs count the benchmark scripts share."""
     spec = importlib.util.spec_from_file_location(
-        "benchmarks_common", Path(__file__).resolve().parents[1] / "benchmarks" / "common.py")
+        "benchmarks_common", Path(__file__).resolve().parents[2] / "benchmarks" / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,7 @@
-"""The chat REPL (banner, Ctrl-C, empty answers) and sample runs that never overwrite each other."""
+"""The chat REPL (banner, Ctrl-C, empty answers) and sample runs that never overwrite each other.
+
+Layer: unit, the REPL and run naming in-process; two slow tests run `run.py task=sample`.
+"""
 
 from __future__ import annotations
 

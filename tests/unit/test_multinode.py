@@ -1,6 +1,9 @@
 """One run over several machines: presets, rendezvous from the environment or SLURM, the
 per-machine commands, and 2 "machines" on this one (two launchers, machine ranks 0 and 1, one
 gloo process each, rendezvous on localhost) that train, save and resume like one machine.
+
+Layer: unit by count, presets, rendezvous and commands in-process; the dry runs and the two
+"machines" are processes (`run.py`, torchrun), with test_distributed.py's helpers.
 """
 
 from __future__ import annotations

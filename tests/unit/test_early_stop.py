@@ -1,5 +1,8 @@
 """Training that stops at a held-out target or a time cap: the stop is a finished run (checkpoint,
-export that says why, a rerun that trains no further); an unreached target says so plainly."""
+export that says why, a rerun that trains no further); an unreached target says so plainly.
+
+Layer: unit, the training loop's stop rules in-process; three tests run `run.py` as processes.
+"""
 
 from __future__ import annotations
 

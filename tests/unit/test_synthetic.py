@@ -211,7 +211,7 @@ def test_describe_names_everything_that_changes_the_examples():
 
 
 def test_dataset_config_is_a_chat_set_of_5000_synthetic_examples():
-    conf = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "synthetic_tasks.yaml"
+    conf = Path(__file__).resolve().parents[2] / "conf" / "dataset" / "synthetic_tasks.yaml"
     cfg = OmegaConf.load(conf)
     assert list(cfg.defaults) == ["schema", "_self_"]
     assert (cfg.name, cfg.kind, cfg.source) == ("synthetic_tasks", "chat", "synthetic")

@@ -1,4 +1,7 @@
-"""`task=prepare` end to end through run.py: output location, reuse, tracking, bad input."""
+"""`task=prepare` end to end through run.py: output location, reuse, tracking, bad input.
+
+Layer: cli, `run.py task=prepare` as processes; the Shakespeare reader in-process.
+"""
 
 from __future__ import annotations
 

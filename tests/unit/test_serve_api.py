@@ -1,5 +1,9 @@
 """task=serve's OpenAI-compatible API, spoken to by the official `openai` client on a live server;
-batched answers against answers alone; the page, the API and task=sample answering alike."""
+batched answers against answers alone; the page, the API and task=sample answering alike.
+
+Layer: unit, the OpenAI-compatible API served in-process on a thread (the page:
+test_serve.py; the page in a browser: test_serve_browser.py).
+"""
 
 from __future__ import annotations
 

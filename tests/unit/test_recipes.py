@@ -2,6 +2,9 @@
 
 Hub data sets are mimicked by local copies laid out as the hub serves them (a folder of parquet
 shards, or one JSONL file), read through the same `load_dataset` path as a hub id.
+
+Layer: unit, loaders, mixtures and presets in-process; a few tests run `run.py` or
+benchmarks/gpu_check.py as processes.
 """
 
 from __future__ import annotations

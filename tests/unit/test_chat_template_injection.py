@@ -12,7 +12,7 @@ import pytest
 from ldm.tokenizer import (chat_encoding_note, chat_token_ids, encode_chat)
 from test_banned_tokens import minilm, modernbert_style, trained_bpe
 
-FIXTURE = Path(__file__).parent / "fixtures" / "chat_injection.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "chat_injection.jsonl"
 RECORDS = [json.loads(line)["messages"] for line in FIXTURE.read_text().splitlines()]
 
 

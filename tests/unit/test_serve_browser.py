@@ -5,6 +5,9 @@ The screenshots land in the test's folder. LDM_SERVE_EXPORT=<export> serves that
 of a tiny random one, and LDM_SERVE_SCREENSHOTS=<folder> copies the chat (mid-answer) and side
 by side screenshots there: that is how docs/serve.png and docs/serve-side.png are made (with the
 quickstart's SFT export).
+
+Layer: unit, the page served in-process and driven by a real browser (the page's API:
+test_serve.py; the OpenAI-compatible API: test_serve_api.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Specification of the masked-diffusion sampler (ldm.sampling), on scripted fake models and a
-tiny random BERT."""
+tiny random BERT.
+
+Layer: unit, the sampler's functions in-process (task=sample's steps: test_sample_task.py).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ NEVER = {PAD, UNK, CLS, MASK}
 IDS = dict(mask_id=MASK, eos_id=EOS, special_ids=SPECIAL, pad_id=PAD)
 VOCAB = 16
 ORIGINAL = dict(rule="original", temperature=1.0, early_stop=False)
-CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "sampler"
 
 
 SETTING_NAMES = set(SamplerSettings.__dataclass_fields__)

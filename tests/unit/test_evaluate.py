@@ -1,4 +1,7 @@
-"""Held-out evaluation is deterministic and measures what it claims."""
+"""Held-out evaluation is deterministic and measures what it claims.
+
+Layer: unit, the scoring functions in-process (task=evaluate via run.py: test_evaluate_task.py).
+"""
 
 from __future__ import annotations
 

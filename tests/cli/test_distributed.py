@@ -5,6 +5,9 @@ Launchers that start 2 CPU processes with accelerate 1.15: `accelerate launch --
 Accelerator on the CPU with gloo) and `torchrun --standalone --nproc_per_node 2`.
 `accelerate launch --cpu --num_processes 2` starts a single process without MPI; the
 hardware.num_processes check refuses that run.
+
+Layer: cli, `run.py` under torchrun and accelerate launch as processes; one data-order check
+in-process.
 """
 
 from __future__ import annotations
@@ -324,7 +327,7 @@ def _error(proc) -> str:
 def test_launch_with_fewer_processes_than_hardware_num_processes_is_refused(prepared):
     # Under a launcher (WORLD_SIZE set) ldm starts nothing itself, so a launched world smaller
     # than the preset's layout is an error; a plain `python run.py` starts the layout instead
-    # (tests/test_recipes.py).
+    # (tests/unit/test_recipes.py).
     outputs, paths = prepared
     launcher = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(_free_port())}

@@ -1,4 +1,8 @@
-"""Every config option composes and resolves; typos and wrong types fail at compose time."""
+"""Every config option composes and resolves; typos and wrong types fail at compose time.
+
+Layer: policy, every config option composes (in-process); one test runs `run.py` to see the
+error a user sees.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The export contract: what write_export writes, read_export gives back; the sampler settings a
-task builds once, before any work."""
+task builds once, before any work.
+
+Layer: unit, the export contract in-process; one test runs `run.py task=sft` as a process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""task=evaluate on a tiny SFT export: held-out NELBO, scored answers, determinism; bad input."""
+"""task=evaluate on a tiny SFT export: held-out NELBO, scored answers, determinism; bad input.
+
+Layer: cli, mostly `run.py task=evaluate` as processes; the answer metrics and a few refusals
+in-process (the scoring functions alone: unit/test_evaluate.py).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Every setting is checked before anything is written; a failure after training began keeps the
-weights (the last state is checkpointed first)."""
+weights (the last state is checkpointed first).
+
+Layer: unit, the tasks' checks called in-process; one test runs `run.py` as a process.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""task=sft end to end on a tiny ModernBERT: the held-out answer NELBO falls; bad input."""
+"""task=sft end to end on a tiny ModernBERT: the held-out answer NELBO falls; bad input.
+
+Layer: cli, `run.py task=sft` as processes; one sampling check in-process.
+"""
 
 from __future__ import annotations
 

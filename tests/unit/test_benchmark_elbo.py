@@ -1,4 +1,8 @@
-"""The Monte Carlo ELBO behind `loglikelihood`: exact where it must be, unbiased, batch-proof."""
+"""The Monte Carlo ELBO behind `loglikelihood`: exact where it must be, unbiased, batch-proof.
+
+Layer: unit, the harness's ELBO functions in-process (the adapter: test_benchmark_adapter.py;
+the task: test_benchmark_task.py).
+"""
 
 from __future__ import annotations
 

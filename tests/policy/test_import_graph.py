@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Set
 
-LDM = Path(__file__).resolve().parents[1] / "ldm"
+LDM = Path(__file__).resolve().parents[2] / "ldm"
 
 
 def module_name(path: Path) -> str:

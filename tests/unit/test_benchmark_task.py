@@ -1,4 +1,9 @@
-"""task=benchmark and `lm_eval --model ldm` end to end on tiny exports; suite validation."""
+"""task=benchmark and `lm_eval --model ldm` end to end on tiny exports; suite validation.
+
+Layer: unit by count, suite validation and the synthetic suite in-process; the slow tests build
+exports and run `run.py task=benchmark` and `lm_eval` as processes (the adapter and its ELBO:
+test_benchmark_adapter.py, test_benchmark_elbo.py).
+"""
 
 from __future__ import annotations
 

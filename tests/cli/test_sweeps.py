@@ -1,4 +1,8 @@
-"""Sweeps from sweeps/ (sweep=<name>), one parent mlflow run per sweep, task=compare, launchers."""
+"""Sweeps from sweeps/ (sweep=<name>), one parent mlflow run per sweep, task=compare, launchers.
+
+Layer: cli, `run.py` multiruns and task=compare as processes (and parallel jobs in processes);
+the sweep files' composition in-process.
+"""
 
 from __future__ import annotations
 

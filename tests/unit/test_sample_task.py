@@ -1,5 +1,9 @@
 """task=sample: samples.jsonl and mlflow, the chat REPL, GIF frames, infill, special-token text,
-and one clear error per bad input before any weights are loaded."""
+and one clear error per bad input before any weights are loaded.
+
+Layer: unit, task=sample's steps called in-process; two slow tests and the bad-input one
+run `run.py task=sample` as processes (the sampler itself: test_sampler.py).
+"""
 
 from __future__ import annotations
 

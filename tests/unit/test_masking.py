@@ -12,7 +12,7 @@ from ldm.masking import (
     SCHEDULES, CosineSchedule, LinearSchedule, Schedule, apply_mask, get_schedule, sample_times,
 )
 
-CONF_MASKING = Path(__file__).resolve().parents[1] / "conf" / "masking"
+CONF_MASKING = Path(__file__).resolve().parents[2] / "conf" / "masking"
 T_GRID = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
 
 

@@ -1,4 +1,8 @@
-"""task=serve: the page's API through gradio_client against a live server on a loopback port."""
+"""task=serve: the page's API through gradio_client against a live server on a loopback port.
+
+Layer: unit, the page served in-process on a thread; one slow test starts `run.py task=serve`
+(the API: test_serve_api.py; the page in a browser: test_serve_browser.py).
+"""
 
 from __future__ import annotations
 
