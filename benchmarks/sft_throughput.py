@@ -354,7 +354,8 @@ def main() -> None:
             gap = nb / nc - 1
             result.update({"nelbo_b": nb, "nelbo_c": nc, "answer_tokens_b": seen["b"],
                            "answer_tokens_c": seen["c"]})
-            print(f"held-out answer NELBO after {args.nelbo_steps} steps (the first {args.nelbo_rows} held-out rows; answer tokens "
+            print(f"held-out answer NELBO after {args.nelbo_steps} steps (the first "
+                  f"{args.nelbo_rows} held-out rows; answer tokens "
                   f"trained: (b) {seen['b']:,.0f}, (c) {seen['c']:,.0f}): (b) {nb:.4f}, (c) {nc:.4f}")
             print(f"[{'PASS' if abs(gap) <= 0.02 else 'FAIL'}] (b) vs (c) held-out answer NELBO: "
                   f"{gap:+.2%} (goal within 2%)")
