@@ -252,12 +252,31 @@ def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
             f"({fmt.format(min(values))}-{fmt.format(max(values))})")
 
 
+def speed_table(model: str, args, figures: Dict[str, List[dict]], names: Dict[str, str]) -> dict:
+    """Print the median (min-max) table and the two speed goals; return the two ratios."""
+    print(f"\n[{model}] median of {args.reps} (min-max), steps 3-{args.steps}:")
+    print(f"| variant | answer tok/s | total tok/s | s/step | answer tok/step | tok/step | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for v, rows in figures.items():
+        col = lambda k, f="{:,.0f}": spread([r[k] for r in rows], f)  # noqa: E731
+        print(f"| ({v}) {names[v]} | {col('answer_tps')} | {col('total_tps')} | "
+              f"{col('s_per_step', '{:.2f}')} | {col('answer_per_step')} | "
+              f"{col('tokens_per_step')} | {col('peak_rss_mib')} |")
+    med = {v: statistics.median(r["answer_tps"] for r in rows) for v, rows in figures.items()}
+    result = {"b_over_a": med["b"] / med["a"], "b_over_c": med["b"] / med["c"]}
+    print(f"[{'PASS' if result['b_over_a'] >= 3 else 'FAIL'}] (b) / (a) answer tokens/s = "
+          f"{result['b_over_a']:.2f}x (goal >= 3x)")
+    print(f"[{'PASS' if result['b_over_c'] >= 1.2 else 'FAIL'}] (b) / (c) answer tokens/s = "
+          f"{result['b_over_c']:.2f}x (goal >= 1.2x)")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dllm", type=Path, required=True, help="a dLLM checkout (git clone)")
     ap.add_argument("--dllm-venv", type=Path, default=REPO / ".venv-dllm")
     ap.add_argument("--models", default="small,minilm", help=f"any of {', '.join(MODELS)}")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="0 = only the NELBO comparison")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--nelbo-steps", type=int, default=150, help="0 = skip the NELBO comparison")
     ap.add_argument("--nelbo-models", default=None,
@@ -330,20 +349,9 @@ def main() -> None:
                       f"({time.perf_counter() - started:.0f} s with start-up)", flush=True)
         names = {"a": "ldm, padding=eos (full context)", "b": "ldm, padding=batch (grouped)",
                  "c": "dLLM MDLMTrainer (group_by_length)"}
-        print(f"\n[{model}] median of {args.reps} (min-max), steps 3-{args.steps}:")
-        print(f"| variant | answer tok/s | total tok/s | s/step | answer tok/step | tok/step | peak RSS MiB |")
-        print("|---|---|---|---|---|---|---|")
-        for v, rows in figures.items():
-            col = lambda k, f="{:,.0f}": spread([r[k] for r in rows], f)  # noqa: E731
-            print(f"| ({v}) {names[v]} | {col('answer_tps')} | {col('total_tps')} | "
-                  f"{col('s_per_step', '{:.2f}')} | {col('answer_per_step')} | "
-                  f"{col('tokens_per_step')} | {col('peak_rss_mib')} |")
-        med = {v: statistics.median(r["answer_tps"] for r in rows) for v, rows in figures.items()}
-        result = {"b_over_a": med["b"] / med["a"], "b_over_c": med["b"] / med["c"]}
-        print(f"[{'PASS' if result['b_over_a'] >= 3 else 'FAIL'}] (b) / (a) answer tokens/s = "
-              f"{result['b_over_a']:.2f}x (goal >= 3x)")
-        print(f"[{'PASS' if result['b_over_c'] >= 1.2 else 'FAIL'}] (b) / (c) answer tokens/s = "
-              f"{result['b_over_c']:.2f}x (goal >= 1.2x)")
+        result = {}
+        if args.reps:
+            result = speed_table(model, args, figures, names)
         if args.nelbo_steps and model in (args.nelbo_models or args.models).split(","):
             b = variants["b"](f"{model}-b-nelbo", args.nelbo_steps)
             saved = outputs / f"dllm-{model}-nelbo"
