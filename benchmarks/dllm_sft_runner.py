@@ -11,7 +11,7 @@ as dLLM pads BERT rows with its EOS = PAD token: visible, trained). The model st
 export folder ldm starts from.
 
     <dllm-venv>/bin/python benchmarks/dllm_sft_runner.py --init DIR --data DIR --pad-id N \\
-        --steps 24 --batch-size 8 --lr 1e-4 --out result.json [--save DIR]
+        --steps 24 --batch-size 8 [--grad-accum 1] --lr 1e-4 --out result.json [--save DIR]
 
 Prints one JSON object: per-step seconds (callback to callback), answer tokens (the useful ones:
 answer_mask, before padding), label tokens (answers + padding) and total tokens per step.
@@ -37,7 +37,9 @@ def main() -> None:
                     help="a tokenizer folder this transformers reads (only its pad() is used: the "
                          "rows are token ids already)")
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (global batch = batch-size x this)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup-ratio", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -102,6 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         config = MDLMConfig(output_dir=work, group_by_length=True, learning_rate=args.lr,
                             per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                            gradient_accumulation_steps=args.grad_accum,
                             lr_scheduler_type="cosine", warmup_ratio=args.warmup_ratio,
                             bf16=False, use_cpu=True, report_to="none", eval_strategy="no",
                             save_strategy="no", logging_steps=10**9, disable_tqdm=True,
@@ -115,7 +118,11 @@ def main() -> None:
     import resource
 
     seconds = [b - a for a, b in zip(ends, ends[1:])]
-    result = {"step_seconds": seconds, "steps": steps[:len(seconds)],
+    # the collator counts micro-batches; an optimizer step is grad_accum of them
+    k = args.grad_accum
+    per_step = [{key: sum(m[key] for m in steps[i * k:(i + 1) * k]) for key in steps[i * k]}
+                for i in range(min(len(seconds), len(steps) // k))]
+    result = {"step_seconds": seconds[:len(per_step)], "steps": per_step,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}
     with open(args.out, "w") as f:

@@ -7,9 +7,16 @@ Starts `python run.py task=serve serve.page=false` on the export (a process of i
 user runs it), then, `--repeats` times: sends the N requests one after another (each waits for
 the previous answer), and the same N requests from N client threads at once, with the official
 `openai` client. Prints answers per second of each way (median and min-max over the repeats),
-their ratio (goal: >= 3x, PASS/FAIL), p50/p95 latency, failed requests (goal: none), and whether every concurrent answer equals its sequential one (greedy
-settings: batch-mates must not change an answer). The prompts are the export's kind of prompt:
-synthetic tasks for a synthetic_tasks export, questions otherwise (`--prompt` gives your own).
+their ratio (goal: >= 3x, PASS/FAIL), p50/p95 latency, failed requests (goal: none), and
+whether every concurrent answer equals its sequential one (greedy settings: batch-mates must not
+change an answer). The prompts are the export's kind of prompt: synthetic tasks for a
+synthetic_tasks export, questions otherwise (`--prompt` gives your own).
+
+Before the server starts, the model's own batching ceiling on this machine is measured in this
+process with the server's thread count: the N prompts' first sampler call (encoder over the
+canvas, head on the first block) made one prompt at a time vs once over the N left-padded
+canvases. Their ratio is the most any batching server can gain per model call here: where one
+prompt already keeps the cores busy, it is near 1x whatever the server does.
 """
 
 from __future__ import annotations
@@ -111,6 +118,52 @@ def spread(values, fmt="{:.2f}"):
             f"({fmt.format(min(values))}-{fmt.format(max(values))})")
 
 
+def model_ceiling(checkpoint: str, prompts, max_tokens: int, block: int, threads: int,
+                  repeats: int = 5):
+    """Return (seconds of N one-prompt calls, seconds of one N-prompt call): medians."""
+    import torch
+
+    from ldm.export import read_export
+    from ldm.sampling import sampler_model
+    from ldm.tokenizer import encode_chat
+
+    torch.set_num_threads(threads)
+    export = read_export(checkpoint)
+    tok = export.load_tokenizer()
+    model_fn = sampler_model(export.load_model(vocab_size=len(tok)))
+    mask_id = export.mask_id if export.mask_id is not None else tok.mask_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    canvases = [encode_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
+                + [mask_id] * max_tokens for p in prompts]
+    width = max(len(c) for c in canvases)
+    ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in canvases])
+    attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in canvases])
+    lo = width - max_tokens
+    hi = lo + min(block, max_tokens)
+
+    def one_by_one():
+        for row in range(len(prompts)):
+            keep = attention[row].bool()
+            model_fn.block_logits(ids[row:row + 1, keep], attention[row:row + 1, keep],
+                                  int(keep.sum()) - max_tokens,
+                                  int(keep.sum()) - max_tokens + hi - lo)
+
+    def together():
+        model_fn.block_logits(ids, attention, lo, hi)
+
+    times = {}
+    with torch.inference_mode():
+        for name, fn in (("alone", one_by_one), ("batched", together)):
+            fn()  # warm-up
+            runs = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - began)
+            times[name] = statistics.median(runs)
+    return times["alone"], times["batched"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
@@ -129,6 +182,14 @@ def main() -> int:
     pool = args.prompt or (SYNTHETIC if info.get("dataset") == "synthetic_tasks" else QUESTIONS)
     prompts = [pool[i % len(pool)] for i in range(args.clients)]
     args.model = Path(checkpoint).name
+    from ldm.config import load_preset
+
+    block = int(load_preset(args.preset).get("block_length") or args.max_tokens)
+    alone, batched = model_ceiling(checkpoint, prompts, args.max_tokens, block, args.threads)
+    ceiling = alone / batched
+    print(f"model alone, {args.threads} threads, one sampler call: {len(prompts)} prompts one at a "
+          f"time {alone * 1000:.1f} ms, all {len(prompts)} in one call {batched * 1000:.1f} ms: "
+          f"batching ceiling {ceiling:.2f}x per call", flush=True)
     port = free_port()
     proc = start_server(checkpoint, port, args.preset, args.window_ms, args.threads)
     try:
@@ -158,6 +219,8 @@ def main() -> int:
         print(f"sequential answers/s  {spread(seq_rates)}")
         print(f"concurrent answers/s  {spread(con_rates)}")
         print(f"ratio                 {spread(ratios)}x (goal >= {GOAL:.0f}x)")
+        print(f"model's ceiling       {ceiling:.2f}x (one call of {len(prompts)} prompts vs "
+              f"{len(prompts)} calls of one, measured above)")
         print(f"latency sequential    p50 {percentile(seq_lat, 50):.3f} s, p95 "
               f"{percentile(seq_lat, 95):.3f} s")
         print(f"latency concurrent    p50 {percentile(con_lat, 50):.3f} s, p95 "

@@ -191,12 +191,13 @@ def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, thread
     return {"steps": per_step, **rss, "export": outputs / "models" / name}
 
 
-def dllm_run(python, init, data_dir, pad_id, steps, batch, lr, seed, threads, name, logs,
+def dllm_run(python, init, data_dir, pad_id, steps, batch, micro, lr, seed, threads, name, logs,
              save=None) -> dict:
     out = logs / f"{name}.json"
     args = [str(python), str(REPO / "benchmarks" / "dllm_sft_runner.py"), "--init", str(init),
             "--data", str(data_dir), "--pad-id", str(pad_id), "--steps", str(steps),
-            "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed),
+            "--batch-size", str(micro), "--grad-accum", str(batch // micro), "--lr", str(lr),
+            "--seed", str(seed),
             "--threads", str(threads), "--out", str(out), "--tokenizer", str(tokenizer_dir())]
     rss = run(args + (["--save", str(save)] if save else []), logs / f"{name}.log",
               env={"OMP_NUM_THREADS": str(threads)})
@@ -283,7 +284,10 @@ def main() -> None:
                     help="the models given the NELBO comparison (default: every one of --models)")
     ap.add_argument("--nelbo-rows", type=int, default=256,
                     help="held-out rows scored (the first ones of the test split)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (rows per step)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="rows per forward, the rest accumulated (default: the whole batch); "
+                         "for shapes whose full-context batch does not fit in memory")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", default="ctx1024")
@@ -298,8 +302,11 @@ def main() -> None:
     python = ensure_dllm_venv(args.dllm.resolve(), args.dllm_venv.resolve())
     jsonl = outputs / "chat.jsonl"
     jsonl.write_text("".join(json.dumps(c) + "\n" for c in conversations(args.seed, args.generated)))
-    common = ["task.global_batch_size=%d" % args.batch, "hardware.micro_batch_size=%d" % args.batch,
-              "hardware.gradient_accumulation_steps=1", f"task.lr={args.lr}",
+    micro = args.micro_batch or args.batch
+    if micro < 1 or args.batch % micro:
+        raise SystemExit(f"--micro-batch {micro} must divide --batch {args.batch}")
+    common = ["task.global_batch_size=%d" % args.batch, "hardware.micro_batch_size=%d" % micro,
+              "hardware.gradient_accumulation_steps=auto", f"task.lr={args.lr}",
               "task.weight_decay=0.0", "task.lr_schedule=cosine", "task.warmup_ratio=0.1",
               "task.grad_clip=1.0", "masking.normalizer=maskable", "task.log_every=1",
               "task.eval_every=0", "task.eval_batches=1", "task.eval_samples=0",
@@ -307,7 +314,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads per run, batch {args.batch}, {args.steps} steps x "
+          f"{args.threads} threads per run, batch {args.batch} (micro-batch {micro}), {args.steps} "
+          f"steps x "
           f"{args.reps} repetitions, context {args.context}")
     report = {}
     for model in args.models.split(","):
@@ -335,7 +343,8 @@ def main() -> None:
             "b": lambda name, steps: ldm_run(model, "batch", jsonl, outputs, args.context, common,
                                              steps, name, args.threads, logs),
             "c": lambda name, steps, save=None: dllm_run(
-                python, init, batch_dir, manifest["eos_id"], steps, args.batch, args.lr, args.seed,
+                python, init, batch_dir, manifest["eos_id"], steps, args.batch, micro, args.lr,
+                args.seed,
                 args.threads, name, logs, save),
         }
         figures: Dict[str, List[dict]] = {v: [] for v in variants}
