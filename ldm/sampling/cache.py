@@ -178,8 +178,13 @@ class BlockCache:
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-               lo: int, hi: int, block: int) -> torch.Tensor:
-        """Return [R, hi - lo, V] logits for the `rows` of the batch that `input_ids` holds."""
+               lo: int, hi: int, block: int, where: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        """Return [R, hi - lo, V] logits for the `rows` of the batch that `input_ids` holds.
+
+        With `where` (bool [R, hi - lo]) only the positions it marks go through the head: their
+        [N, V] logits, row-major, as `logits[where]` of the full block.
+        """
         rows_cpu = rows.cpu()
         if self.keys and bool((self.slot[rows_cpu] < 0).any()):
             self._reset()  # a retired row asked for again: start over with the whole batch
@@ -195,8 +200,11 @@ class BlockCache:
             end = input_ids.shape[1] if self.mode == "prefix" else hi
             hidden = self._forward(input_ids, attention_mask, rows_cpu, lo, end, store=False)
             hidden = hidden[:, : hi - lo]
-        self.head_positions += hidden.shape[0] * hidden.shape[1]
-        self.flops += flops_estimate(self.model.config, hidden.shape[0], 0, 0, hidden.shape[1])
+        if where is not None:
+            hidden = hidden[where]
+        positions = hidden.shape[:-1].numel()
+        self.head_positions += positions
+        self.flops += flops_estimate(self.model.config, 1, 0, 0, positions)
         return self.head(hidden)
 
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, start: int,

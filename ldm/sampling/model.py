@@ -1,8 +1,8 @@
 """The model as the sampler sees it: logits of a whole canvas, or of one block of it.
 
 `sampler_model(mlm)` wraps a transformers masked LM: positions count from each row's first real
-token (so left padding shifts nothing), the vocabulary head runs on the block being filled only,
-and with sampler.cache `ldm.sampling.cache` drives the layers of `.model` itself. Any other
+token (so left padding shifts nothing), the vocabulary head runs on the still-masked positions of
+the block being filled only, and with sampler.cache `ldm.sampling.cache` drives the layers of `.model` itself. Any other
 `(input_ids, attention_mask) -> logits` function is an opaque model, `SamplerModel(fn)`: called
 whole and its logits sliced; the sampler sees nothing inside it.
 """
@@ -58,13 +58,19 @@ class SamplerModel:
         return lambda hidden: decoder(transform(hidden))
 
     def block_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo: int,
-                     hi: int) -> torch.Tensor:
-        """Return [B, hi - lo, V] logits of positions [lo, hi) (the head run on them only)."""
+                     hi: int, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return [B, hi - lo, V] logits of positions [lo, hi) (the head run on them only).
+
+        With `where` (bool [B, hi - lo]) the head runs on the positions it marks only, and the
+        result is their [N, V] logits in row-major order (`logits[where]` of the full block).
+        """
         if self.model is None:
-            return self.logits(input_ids, attention_mask)[:, lo:hi]
+            block = self.logits(input_ids, attention_mask)[:, lo:hi]
+            return block if where is None else block[where]
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=true_positions(attention_mask))[0]
-        return self.head(hidden[:, lo:hi])
+        hidden = hidden[:, lo:hi]
+        return self.head(hidden if where is None else hidden[where])
 
 
 def sampler_model(model: nn.Module) -> SamplerModel:

@@ -144,7 +144,10 @@ def unmask_block(
             canvas.steps_skipped += 1
             continue
 
-        span = dict(rows=rows, lo=lo, hi=hi, block=block, settings=settings)
+        # Only masked positions can be committed, so the head, the token choice and the scores
+        # run on them alone: logits are [N, V], one row per candidate, in row-major order.
+        candidates = still[rows]
+        span = dict(rows=rows, lo=lo, hi=hi, block=block, settings=settings, where=candidates)
         logits = _block_logits(model, canvas, "cond", canvas.ids[rows], **span)
         canvas.nfe += 1
         if settings.cfg_scale > 0 and canvas.uncond is not None:
@@ -155,11 +158,12 @@ def unmask_block(
             logits = guided_logits(logits, uncond, settings.cfg_scale)
         logits = logits.masked_fill(canvas.banned(logits.shape[-1], logits.device), float("-inf"))
         logits = filter_logits(logits, top_k=settings.top_k, top_p=settings.top_p)
-        tokens = sample_tokens(logits, settings.temperature, generator).to(canvas.ids.device)
+        picked = sample_tokens(logits, settings.temperature, generator).to(canvas.ids.device)
+        tokens = canvas.ids[rows, lo:hi].masked_scatter(candidates, picked)
         if reveal is not None:
             commit = reveal[rows]
         else:
-            commit = most_confident(logits, tokens, still[rows], want[rows], settings.remasking,
+            commit = most_confident(logits, picked, candidates, want[rows], settings.remasking,
                                     settings.threshold, generator, gamma=settings.gamma)
         canvas.ids[rows, lo:hi] = torch.where(commit, tokens, canvas.ids[rows, lo:hi])
         canvas.steps_run += 1
@@ -255,22 +259,24 @@ def check_model_cache(model_fn: ModelFn, settings: SamplerSettings) -> None:
 
 
 def _block_logits(model: SamplerModel, canvas: "Canvas", key: str, ids: torch.Tensor, *,
-                  rows: torch.Tensor, lo: int, hi: int, block: int,
-                  settings: SamplerSettings) -> torch.Tensor:
-    """Return float logits [R, hi - lo, V] of positions [lo, hi) of `ids` (rows of the canvas)."""
+                  rows: torch.Tensor, lo: int, hi: int, block: int, settings: SamplerSettings,
+                  where: torch.Tensor) -> torch.Tensor:
+    """Return float logits [N, V] of the positions `where` marks (bool [R, hi - lo]) in the
+    block [lo, hi) of `ids` (rows of the canvas), row-major."""
     attn = canvas.attn[rows]
     if model.model is None or settings.cache == "none":
         if model.model is not None:
-            # The head runs on the block alone: the rest of the canvas cannot be committed now.
+            # The head runs on the block's masked positions alone: nothing else can be committed.
             canvas.flops += flops_estimate(model.model.config, ids.shape[0], ids.shape[1],
-                                           ids.shape[1], hi - lo)
-        return model.block_logits(ids, attn, lo, hi).float()
+                                           ids.shape[1], 0)
+            canvas.flops += flops_estimate(model.model.config, 1, 0, 0, int(where.sum()))
+        return model.block_logits(ids, attn, lo, hi, where).float()
     if key not in canvas.caches:
         canvas.caches[key] = BlockCache(model, settings.cache, canvas.ids.shape[0],
                                         refresh_every_step=settings.cache_refresh_every_step)
     cache = canvas.caches[key]
     before = cache.flops
-    logits = cache.logits(ids, attn, rows, lo, hi, block).float()
+    logits = cache.logits(ids, attn, rows, lo, hi, block, where).float()
     canvas.flops += cache.flops - before
     return logits
 
@@ -311,19 +317,30 @@ def most_confident(
     generator: Optional[torch.Generator],
     gamma: Optional[float] = None,
 ) -> torch.Tensor:
-    """Return a bool [R, block] tensor: per row, the `want` best-scored candidate positions."""
-    score = confidence(logits, tokens, remasking, generator)
+    """Return a bool [R, block] tensor: per row, the `want` best-scored candidate positions.
+
+    `logits` [N, V] and `tokens` [N] are the candidates' (the True positions of `candidates`
+    [R, block], row-major).
+    """
+
+    def spread(values: torch.Tensor, fill) -> torch.Tensor:
+        # per-candidate values back onto the [R, block] grid, `fill` elsewhere
+        grid = torch.full(candidates.shape, fill, dtype=values.dtype, device=values.device)
+        return grid.masked_scatter(candidates.to(values.device), values)
+
+    score = spread(confidence(logits, tokens, remasking, generator), float("-inf"))
     if gamma is not None:
         # Entropy-bounded commits (EB-sampler, Ben-Hamu et al. 2025): the best-scored candidates
         # while their summed entropy stays <= gamma; `want` (>= 1) is the floor.
-        entropy = torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(-1)
+        entropy = spread(torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(-1),
+                         float("inf"))
         order = torch.argsort(score.masked_fill(~candidates, float("-inf")), dim=1,
                               descending=True, stable=True)
         ordered = entropy.gather(1, order).masked_fill(~candidates.gather(1, order), float("inf"))
         want = torch.maximum(want, (ordered.cumsum(1) <= gamma).sum(1))
     if threshold is not None:
         probs = torch.softmax(logits.double(), dim=-1)
-        sure = candidates & (token_probability(probs, tokens) >= threshold)
+        sure = candidates & spread(token_probability(probs, tokens) >= threshold, False)
         want = torch.maximum(want, sure.sum(1))
         score = score.masked_fill(sure, float("inf"))
     score = score.masked_fill(~candidates, float("-inf"))

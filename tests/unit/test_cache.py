@@ -200,13 +200,17 @@ def test_a_cached_step_computes_only_its_positions(family, mode, recomputed):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_uncached_sampler_runs_the_head_on_the_current_block_only(family):
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_the_sampler_runs_the_head_on_the_blocks_still_masked_positions_only(family, cache):
     model = tiny(family)
     counts, _ = count_positions(model, family)
     result = generate(sampler_model(model), prompts(),
                       SamplerSettings(max_new_tokens=16, steps=16, block_length=8,
-                                      early_stop=False), **IDS)
-    assert counts["head"] == sum(8 * 3 for _ in range(result.nfe))  # 3 rows x block of 8
+                                      early_stop=False, cache=cache), **IDS)
+    # one commit per row and step: 3 rows x (8 + 7 + ... + 1) masked positions in each of the
+    # 2 blocks, not 3 rows x 8 at each of the 16 calls
+    assert result.nfe == 16
+    assert counts["head"] == 2 * 3 * sum(range(1, 9))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
