@@ -178,9 +178,10 @@ def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, thread
             "task.resume=false"]
     rss = run(args, logs / f"{name}.log", env={"OMP_NUM_THREADS": str(threads)})
     uri = local_store_uri(outputs)
+    # newest first: a rerun into the same --out reads its own run, not an older one of that name
     found = [r for r in find_runs(uri, "sft") if r.info.run_name == name]
     client = MlflowClient(uri)
-    history = {k: {m.step: m.value for m in client.get_metric_history(found[-1].info.run_id, k)}
+    history = {k: {m.step: m.value for m in client.get_metric_history(found[0].info.run_id, k)}
                for k in ("tokens_per_second", "answer_tokens_per_second", "tokens_seen")}
     per_step = []
     for step in sorted(history["tokens_seen"]):
