@@ -142,11 +142,11 @@ def model_ceiling(checkpoint: str, prompts, max_tokens: int, block: int, threads
     hi = lo + min(block, max_tokens)
 
     def one_by_one():
-        for row in range(len(prompts)):
-            keep = attention[row].bool()
-            model_fn.block_logits(ids[row:row + 1, keep], attention[row:row + 1, keep],
-                                  int(keep.sum()) - max_tokens,
-                                  int(keep.sum()) - max_tokens + hi - lo)
+        for canvas in canvases:
+            start = len(canvas) - max_tokens
+            model_fn.block_logits(torch.tensor([canvas]),
+                                  torch.ones(1, len(canvas), dtype=torch.long), start,
+                                  start + hi - lo)
 
     def together():
         model_fn.block_logits(ids, attention, lo, hi)

@@ -125,11 +125,15 @@ def confidence(
     tokens: torch.Tensor,
     remasking: str,
     generator: Optional[torch.Generator] = None,
+    probs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Return a float64 score per position; positions with higher scores are committed first."""
+    """Return a float64 score per position; positions with higher scores are committed first.
+
+    `probs` is the float64 softmax of `logits` when the caller has it already."""
     if remasking == "random":
         return uniform_like(tokens, torch.float64, generator)
-    probs = torch.softmax(logits.double(), dim=-1)
+    if probs is None:
+        probs = torch.softmax(logits.double(), dim=-1)
     if remasking == "low_confidence":
         return token_probability(probs, tokens)
     if remasking == "margin":

@@ -2,9 +2,9 @@
 
 `sampler_model(mlm)` wraps a transformers masked LM: positions count from each row's first real
 token (so left padding shifts nothing), the vocabulary head runs on the still-masked positions of
-the block being filled only, and with sampler.cache `ldm.sampling.cache` drives the layers of `.model` itself. Any other
-`(input_ids, attention_mask) -> logits` function is an opaque model, `SamplerModel(fn)`: called
-whole and its logits sliced; the sampler sees nothing inside it.
+the block being filled only, and with sampler.cache `ldm.sampling.cache` drives the layers of
+`.model` itself. Any other `(input_ids, attention_mask) -> logits` function is an opaque model,
+`SamplerModel(fn)`: called whole and its logits sliced; the sampler sees nothing inside it.
 """
 
 from __future__ import annotations

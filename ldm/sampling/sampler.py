@@ -328,22 +328,21 @@ def most_confident(
         grid = torch.full(candidates.shape, fill, dtype=values.dtype, device=values.device)
         return grid.masked_scatter(candidates.to(values.device), values)
 
-    score = spread(confidence(logits, tokens, remasking, generator), float("-inf"))
+    # one float64 softmax per step, shared by the score, the entropy bound and the threshold
+    probs = (None if remasking == "random" and gamma is None and threshold is None
+             else torch.softmax(logits.double(), dim=-1))
+    # non-candidates score -inf (never chosen) and count infinite entropy (never within gamma)
+    score = spread(confidence(logits, tokens, remasking, generator, probs=probs), float("-inf"))
     if gamma is not None:
         # Entropy-bounded commits (EB-sampler, Ben-Hamu et al. 2025): the best-scored candidates
         # while their summed entropy stays <= gamma; `want` (>= 1) is the floor.
-        entropy = spread(torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(-1),
-                         float("inf"))
-        order = torch.argsort(score.masked_fill(~candidates, float("-inf")), dim=1,
-                              descending=True, stable=True)
-        ordered = entropy.gather(1, order).masked_fill(~candidates.gather(1, order), float("inf"))
-        want = torch.maximum(want, (ordered.cumsum(1) <= gamma).sum(1))
+        entropy = spread(torch.special.entr(probs).sum(-1), float("inf"))
+        order = torch.argsort(score, dim=1, descending=True, stable=True)
+        want = torch.maximum(want, (entropy.gather(1, order).cumsum(1) <= gamma).sum(1))
     if threshold is not None:
-        probs = torch.softmax(logits.double(), dim=-1)
-        sure = candidates & spread(token_probability(probs, tokens) >= threshold, False)
+        sure = spread(token_probability(probs, tokens) >= threshold, False)
         want = torch.maximum(want, sure.sum(1))
         score = score.masked_fill(sure, float("inf"))
-    score = score.masked_fill(~candidates, float("-inf"))
     # A stable sort breaks ties by position, so equal scores commit left to right and a row's
     # choice never depends on the other rows of its batch.
     order = torch.argsort(score, dim=1, descending=True, stable=True)
