@@ -198,8 +198,7 @@ def dllm_run(python, init, data_dir, pad_id, steps, batch, micro, lr, seed, thre
     args = [str(python), str(REPO / "benchmarks" / "dllm_sft_runner.py"), "--init", str(init),
             "--data", str(data_dir), "--pad-id", str(pad_id), "--steps", str(steps),
             "--batch-size", str(micro), "--grad-accum", str(batch // micro), "--lr", str(lr),
-            "--seed", str(seed),
-            "--threads", str(threads), "--out", str(out), "--tokenizer", str(tokenizer_dir())]
+            "--seed", str(seed), "--threads", str(threads), "--out", str(out), "--tokenizer", str(tokenizer_dir())]
     rss = run(args + (["--save", str(save)] if save else []), logs / f"{name}.log",
               env={"OMP_NUM_THREADS": str(threads)})
     result = json.loads(out.read_text())
@@ -254,14 +253,18 @@ def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
             f"({fmt.format(min(values))}-{fmt.format(max(values))})")
 
 
-def speed_table(model: str, args, figures: Dict[str, List[dict]], names: Dict[str, str]) -> dict:
+VARIANT_NAMES = {"a": "ldm, padding=eos (full context)", "b": "ldm, padding=batch (grouped)",
+                 "c": "dLLM MDLMTrainer (group_by_length)"}
+
+
+def speed_table(model: str, args, figures: Dict[str, List[dict]]) -> dict:
     """Print the median (min-max) table and the two speed goals; return the two ratios."""
     print(f"\n[{model}] median of {args.reps} (min-max), steps 3-{args.steps}:")
-    print(f"| variant | answer tok/s | total tok/s | s/step | answer tok/step | tok/step | peak RSS MiB |")
+    print("| variant | answer tok/s | total tok/s | s/step | answer tok/step | tok/step | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for v, rows in figures.items():
         col = lambda k, f="{:,.0f}": spread([r[k] for r in rows], f)  # noqa: E731
-        print(f"| ({v}) {names[v]} | {col('answer_tps')} | {col('total_tps')} | "
+        print(f"| ({v}) {VARIANT_NAMES[v]} | {col('answer_tps')} | {col('total_tps')} | "
               f"{col('s_per_step', '{:.2f}')} | {col('answer_per_step')} | "
               f"{col('tokens_per_step')} | {col('peak_rss_mib')} |")
     med = {v: statistics.median(r["answer_tps"] for r in rows) for v, rows in figures.items()}
@@ -306,6 +309,9 @@ def main() -> None:
     python = ensure_dllm_venv(args.dllm.resolve(), args.dllm_venv.resolve())
     jsonl = outputs / "chat.jsonl"
     jsonl.write_text("".join(json.dumps(c) + "\n" for c in conversations(args.seed, args.generated)))
+    timed = [v for v in VARIANT_NAMES if v in args.variants.split(",")]
+    if args.reps and not timed:
+        raise SystemExit(f"--variants {args.variants!r}: name some of a, b, c")
     micro = args.micro_batch or args.batch
     if micro < 1 or args.batch % micro:
         raise SystemExit(f"--micro-batch {micro} must divide --batch {args.batch}")
@@ -318,9 +324,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads per run, batch {args.batch} (micro-batch {micro}), {args.steps} "
-          f"steps x "
-          f"{args.reps} repetitions, context {args.context}")
+          f"{args.threads} threads per run, batch {args.batch} (micro-batch {micro}), "
+          f"{args.steps} steps x {args.reps} repetitions, context {args.context}")
     report = {}
     for model in args.models.split(","):
         for padding in ("eos", "batch"):
@@ -348,10 +353,8 @@ def main() -> None:
                                              steps, name, args.threads, logs),
             "c": lambda name, steps, save=None: dllm_run(
                 python, init, batch_dir, manifest["eos_id"], steps, args.batch, micro, args.lr,
-                args.seed,
-                args.threads, name, logs, save),
+                args.seed, args.threads, name, logs, save),
         }
-        timed = [v for v in variants if v in args.variants.split(",")]
         figures: Dict[str, List[dict]] = {v: [] for v in timed}
         for rep in range(args.reps):
             order = timed[rep % len(timed):] + timed[:rep % len(timed)]
@@ -361,11 +364,7 @@ def main() -> None:
                 print(f"  rep {rep} ({v}): {figures[v][-1]['answer_tps']:,.0f} answer tok/s, "
                       f"{figures[v][-1]['s_per_step']:.2f} s/step "
                       f"({time.perf_counter() - started:.0f} s with start-up)", flush=True)
-        names = {"a": "ldm, padding=eos (full context)", "b": "ldm, padding=batch (grouped)",
-                 "c": "dLLM MDLMTrainer (group_by_length)"}
-        result = {}
-        if args.reps:
-            result = speed_table(model, args, figures, names)
+        result = speed_table(model, args, figures) if args.reps else {}
         if args.nelbo_steps and model in (args.nelbo_models or args.models).split(","):
             b = variants["b"](f"{model}-b-nelbo", args.nelbo_steps)
             saved = outputs / f"dllm-{model}-nelbo"
