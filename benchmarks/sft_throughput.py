@@ -11,7 +11,11 @@ Variants, alternating in one run (the starting variant rotates with each repetit
       `DataCollatorForSeq2Seq(padding=True)` without attention mask, its loss normalisation),
       run by benchmarks/dllm_sft_runner.py in its own virtual environment, made here from the
       dLLM checkout you name (transformers 4.57, our torch): no dLLM code is copied into ldm.
-All three train the same model from the same weights (built once by ldm's `build_model` with the
+  (d) on request (--variants a,b,c,d): (b) with task.sparse_logits=false, the vocabulary head on
+      every position as dLLM's trainer runs it. It trains (b)'s rows in (b)'s order, so (b)/(d)
+      is what the head on the masked positions only is worth, and (d)/(c) compares the two
+      training loops doing the same work per token.
+All of them train the same model from the same weights (built once by ldm's `build_model` with the
 run's seed and saved; dLLM loads that folder) on the same token rows (the train split ldm
 prepared: dLLM's side reads the batch-layout rows, labels = the answer tokens), with the same
 global batch, lr, schedule (cosine after 10% warm-up, AdamW, clip 1.0, no weight decay), steps
@@ -166,7 +170,8 @@ def initial_weights(model: str, jsonl: Path, outputs: Path, context: str, seed: 
     return folder
 
 
-def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, threads, logs) -> dict:
+def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, threads, logs,
+            extra=()) -> dict:
     """Train with run.py; return per-step figures read back from the run's mlflow history."""
     from mlflow.tracking import MlflowClient
 
@@ -175,7 +180,7 @@ def ldm_run(model, padding, jsonl, outputs, context, common, steps, name, thread
 
     args = [sys.executable, "run.py", "task=sft", *data_args(model, padding, jsonl, outputs, context),
             *common, f"task.max_steps={steps}", f"run_name={name}", f"hardware.threads={threads}",
-            "task.resume=false"]
+            "task.resume=false", *extra]
     rss = run(args, logs / f"{name}.log", env={"OMP_NUM_THREADS": str(threads)})
     uri = local_store_uri(outputs)
     # newest first: a rerun into the same --out reads its own run, not an older one of that name
@@ -254,7 +259,8 @@ def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
 
 
 VARIANT_NAMES = {"a": "ldm, padding=eos (full context)", "b": "ldm, padding=batch (grouped)",
-                 "c": "dLLM MDLMTrainer (group_by_length)"}
+                 "c": "dLLM MDLMTrainer (group_by_length)",
+                 "d": "ldm, padding=batch, head on every position"}
 
 
 def speed_table(model: str, args, figures: Dict[str, List[dict]]) -> dict:
@@ -274,6 +280,17 @@ def speed_table(model: str, args, figures: Dict[str, List[dict]]) -> dict:
             ratio = result[f"b_over_{other}"] = med["b"] / med[other]
             print(f"[{'PASS' if ratio >= goal else 'FAIL'}] (b) / ({other}) answer tokens/s = "
                   f"{ratio:.2f}x (goal >= {goal:g}x)")
+    if "d" in figures:
+        # (d) trains the rows (b) trains, in the same order: what is left between them is the head
+        total = {v: statistics.median(r["total_tps"] for r in rows) for v, rows in figures.items()}
+        if "b" in total:
+            result["b_over_d"] = total["b"] / total["d"]
+            print(f"(b) / (d) total tokens/s = {result['b_over_d']:.2f}x: the head on the masked "
+                  f"positions only, on the same rows")
+        if "c" in total:
+            result["d_over_c"] = total["d"] / total["c"]
+            print(f"(d) / (c) total tokens/s = {result['d_over_c']:.2f}x: the same work per token "
+                  f"(every position through the head) in ldm's loop and in dLLM's trainer")
     return result
 
 
@@ -285,7 +302,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="0 = only the NELBO comparison")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--variants", default="a,b,c",
-                    help="which of a, b, c to time (the NELBO comparison always runs b and c)")
+                    help="which of a, b, c, d to time (the NELBO comparison always runs b and c)")
     ap.add_argument("--nelbo-steps", type=int, default=150, help="0 = skip the NELBO comparison")
     ap.add_argument("--nelbo-models", default=None,
                     help="the models given the NELBO comparison (default: every one of --models)")
@@ -311,7 +328,7 @@ def main() -> None:
     jsonl.write_text("".join(json.dumps(c) + "\n" for c in conversations(args.seed, args.generated)))
     timed = [v for v in VARIANT_NAMES if v in args.variants.split(",")]
     if args.reps and not timed:
-        raise SystemExit(f"--variants {args.variants!r}: name some of a, b, c")
+        raise SystemExit(f"--variants {args.variants!r}: name some of {', '.join(VARIANT_NAMES)}")
     micro = args.micro_batch or args.batch
     if micro < 1 or args.batch % micro:
         raise SystemExit(f"--micro-batch {micro} must divide --batch {args.batch}")
@@ -351,6 +368,9 @@ def main() -> None:
                                              steps, name, args.threads, logs),
             "b": lambda name, steps: ldm_run(model, "batch", jsonl, outputs, args.context, common,
                                              steps, name, args.threads, logs),
+            "d": lambda name, steps: ldm_run(model, "batch", jsonl, outputs, args.context, common,
+                                             steps, name, args.threads, logs,
+                                             ["task.sparse_logits=false"]),
             "c": lambda name, steps, save=None: dllm_run(
                 python, init, batch_dir, manifest["eos_id"], steps, args.batch, micro, args.lr,
                 args.seed, args.threads, name, logs, save),
