@@ -203,7 +203,8 @@ def dllm_run(python, init, data_dir, pad_id, steps, batch, micro, lr, seed, thre
     args = [str(python), str(REPO / "benchmarks" / "dllm_sft_runner.py"), "--init", str(init),
             "--data", str(data_dir), "--pad-id", str(pad_id), "--steps", str(steps),
             "--batch-size", str(micro), "--grad-accum", str(batch // micro), "--lr", str(lr),
-            "--seed", str(seed), "--threads", str(threads), "--out", str(out), "--tokenizer", str(tokenizer_dir())]
+            "--seed", str(seed), "--threads", str(threads), "--out", str(out),
+            "--tokenizer", str(tokenizer_dir())]
     rss = run(args + (["--save", str(save)] if save else []), logs / f"{name}.log",
               env={"OMP_NUM_THREADS": str(threads)})
     result = json.loads(out.read_text())
@@ -363,14 +364,12 @@ def main() -> None:
               f"padding of the stored rows: eos {eos_manifest['splits']['train']['padding_fraction']:.1%}"
               f", batch {st['padding_fraction']:.1%}")
         init = initial_weights(model, jsonl, outputs, args.context, args.seed)
+        def ldm(padding, extra=()):
+            return lambda name, steps: ldm_run(model, padding, jsonl, outputs, args.context,
+                                               common, steps, name, args.threads, logs, extra)
+
         variants = {
-            "a": lambda name, steps: ldm_run(model, "eos", jsonl, outputs, args.context, common,
-                                             steps, name, args.threads, logs),
-            "b": lambda name, steps: ldm_run(model, "batch", jsonl, outputs, args.context, common,
-                                             steps, name, args.threads, logs),
-            "d": lambda name, steps: ldm_run(model, "batch", jsonl, outputs, args.context, common,
-                                             steps, name, args.threads, logs,
-                                             ["task.sparse_logits=false"]),
+            "a": ldm("eos"), "b": ldm("batch"), "d": ldm("batch", ["task.sparse_logits=false"]),
             "c": lambda name, steps, save=None: dllm_run(
                 python, init, batch_dir, manifest["eos_id"], steps, args.batch, micro, args.lr,
                 args.seed, args.threads, name, logs, save),
