@@ -38,6 +38,12 @@ PEAKS = [
 ]
 
 
+def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
+    """Return "median (min-max)" of `values`, each formatted with `fmt`."""
+    return (f"{fmt.format(statistics.median(values))} "
+            f"({fmt.format(min(values))}-{fmt.format(max(values))})")
+
+
 def card_peak(name: str, precision: str = "bf16") -> Tuple[Optional[str], Optional[float]]:
     """Return (label, FLOP/s) of the datasheet dense peak of a card name at `precision`, or
     (None, None) when the card, or its figure at that precision, is not in PEAKS."""

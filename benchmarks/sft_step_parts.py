@@ -37,30 +37,24 @@ import torch.nn.functional as F
 
 from ldm.model import SparseMaskedLM, load_model, logits_at
 
-from common import matmul_peak, step_flops  # benchmarks/common.py
+from common import matmul_peak, spread, step_flops  # benchmarks/common.py
+from train_throughput import SHAPES as MODEL_SHAPES, autocast_for
 
 REPO = Path(__file__).resolve().parents[1]
 
-SHAPES = {  # ModernBERT's published shapes (hidden, layers, heads, intermediate)
-    "base": {"hidden_size": 768, "num_hidden_layers": 22, "num_attention_heads": 12,
-             "intermediate_size": 1152},
-    "large": {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
-              "intermediate_size": 2624},
-    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "intermediate_size": 512},
-}
+# the shapes train_throughput.py builds, at the vocabulary --vocab asks for
+SHAPES = {"base": "modernbert_base_shape", "large": "modernbert_large_shape"}
 MASK_ID = 4
 
 
-def build(shape: str, vocab: int, context: int) -> torch.nn.Module:
-    arch = dict(SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
-                sep_token_id=3)
-    model = load_model("config", None, architecture="modernbert", arch=arch, vocab_size=vocab,
-                       max_positions=context, attn_implementation="sdpa")
+def build(shape: str, vocab: int) -> torch.nn.Module:
+    source, pretrained, architecture, arch, *_ = MODEL_SHAPES[SHAPES[shape]]
+    model = load_model(source, pretrained, architecture=architecture, arch=arch, vocab_size=vocab,
+                       dropout=0.0, attn_implementation="sdpa")
     return SparseMaskedLM(model).train()
 
 
-def steps(model: torch.nn.Module, ids: torch.Tensor, masked: torch.Tensor, autocast: bool):
+def steps(model: torch.nn.Module, ids: torch.Tensor, masked: torch.Tensor, precision: str):
     """Return the three step functions (forward + backward of one micro-batch)."""
     targets = ids[masked]
     noised = ids.masked_fill(masked, MASK_ID)
@@ -70,7 +64,7 @@ def steps(model: torch.nn.Module, ids: torch.Tensor, masked: torch.Tensor, autoc
     def with_loss(loss_of):
         def step():
             model.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with autocast_for("cpu", precision)():
                 loss = loss_of()
             loss.backward()
         return step
@@ -104,11 +98,6 @@ def profile_split(step) -> Dict[str, float]:
     return split
 
 
-def spread(values: List[float], fmt: str = "{:.3f}") -> str:
-    return (f"{fmt.format(statistics.median(values))} "
-            f"({fmt.format(min(values))}-{fmt.format(max(values))})")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="base", choices=sorted(SHAPES))
@@ -139,7 +128,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    model = build(args.shape, args.vocab, max(lengths))
+    model = build(args.shape, args.vocab)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_peak("cpu", dtype)
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -150,7 +139,7 @@ def main() -> None:
     for length in lengths:
         ids = torch.randint(8, args.vocab, (args.rows, length), generator=gen)
         masked = torch.rand(args.rows, length, generator=gen) < args.masked
-        fns = steps(model, ids, masked, args.precision == "bf16")
+        fns = steps(model, ids, masked, args.precision)
         for fn in fns.values():  # warm-up: allocator, oneDNN primitives
             fn()
         times: Dict[str, List[float]] = {name: [] for name in fns}
@@ -166,7 +155,7 @@ def main() -> None:
         print(f"\n{args.rows} x {length} tokens ({int(masked.sum())} masked), median of "
               f"{args.reps} (min-max), seconds per step:")
         for name, t in times.items():
-            print(f"  {name:8s} {spread(t)}")
+            print(f"  {name:8s} {spread(t, '{:.3f}')}")
         print(f"  dense / sparse   {med['dense'] / med['sparse']:.3f}x  the head at masked "
               f"positions only, per token")
         print(f"  dense / no head  {med['dense'] / med['no head']:.3f}x  the ceiling: a head that "

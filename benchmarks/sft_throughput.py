@@ -58,6 +58,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from common import spread  # benchmarks/common.py
+
 REPO = Path(__file__).resolve().parents[1]
 
 MODELS = {
@@ -279,11 +281,6 @@ def answer_nelbo(model_dir: Path, data_dir: Path, dataset_cfg, rows: int, seed: 
                             schedule="linear", eps=1e-3, grid_points=8, mask_id=tok.mask_token_id,
                             seed=seed, samples=2)
     return out["answer_nelbo"]
-
-
-def spread(values: List[float], fmt: str = "{:,.0f}") -> str:
-    return (f"{fmt.format(statistics.median(values))} "
-            f"({fmt.format(min(values))}-{fmt.format(max(values))})")
 
 
 VARIANT_NAMES = {"a": "ldm, padding=eos (full context)", "b": "ldm, padding=batch (grouped)",
