@@ -37,7 +37,8 @@ number of steps of the same global batch.
 
 With --vocab-rows 50368 the shapes built from a config (small, base) get ModernBERT's own head of
 50,368 rows: minilm's tokens plus unused ones, so the text tokenizes the same and both sides
-train the same wider model.
+train the same wider model. The base shape's headline in RESULTS.md uses it: it is the real
+model's shape, and the head is where the two trainers differ.
 
 Goals (PASS/FAIL printed): (b) >= 3x (a) in answer tokens/s; (b) >= 1.2x (c); (b)'s held-out
 answer NELBO within 2% of (c)'s.
