@@ -15,7 +15,9 @@ the dense L x L scores (a masked kernel); that work is not counted as useful.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,6 +38,12 @@ PEAKS = [
     ("A10G", ("a10g",), {"bf16": 70e12}),
     ("L4", ("l4",), {"bf16": 121e12}),
 ]
+
+
+def short_commit() -> str:
+    """Return the repository's short HEAD commit, as the benchmarks print it beside their figures."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True).stdout.strip()
 
 
 def spread(values: List[float], fmt: str = "{:,.0f}") -> str:

@@ -27,9 +27,7 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -37,10 +35,9 @@ import torch.nn.functional as F
 
 from ldm.model import SparseMaskedLM, load_model, logits_at
 
-from common import matmul_peak, spread, step_flops  # benchmarks/common.py
+from common import matmul_peak, short_commit, spread, step_flops  # benchmarks/common.py
 from train_throughput import SHAPES as MODEL_SHAPES, autocast_for
 
-REPO = Path(__file__).resolve().parents[1]
 
 # the shapes train_throughput.py builds, at the vocabulary --vocab asks for
 SHAPES = {"base": "modernbert_base_shape", "large": "modernbert_large_shape"}
@@ -126,8 +123,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     model = build(args.shape, args.vocab)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_peak("cpu", dtype)
@@ -143,9 +139,10 @@ def main() -> None:
         for fn in fns.values():  # warm-up: allocator, oneDNN primitives
             fn()
         times: Dict[str, List[float]] = {name: [] for name in fns}
+        names = list(fns)
         for rep in range(args.reps):
-            names = list(fns)
-            for name in names[rep % 3:] + names[:rep % 3]:
+            first = rep % len(names)  # each kind leads in turn
+            for name in names[first:] + names[:first]:
                 start = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - start)

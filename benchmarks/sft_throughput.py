@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from common import spread  # benchmarks/common.py
+from common import short_commit, spread  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -374,8 +374,7 @@ def main() -> None:
               "task.grad_clip=1.0", "masking.normalizer=maskable", "task.log_every=1",
               "task.eval_every=0", "task.eval_batches=1", "task.eval_samples=0",
               "task.save_every=0", "task.keep_last=1", f"seed={args.seed}"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads per run, batch {args.batch} (micro-batch {micro}), "
           f"{args.steps} steps x {args.reps} repetitions, context {args.context}"
